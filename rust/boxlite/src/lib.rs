@@ -1,1 +1,43 @@
+//! boxlite: an embeddable sandbox runtime. Every box runs an OCI image in its own
+//! lightweight VM with its own Linux kernel; the host runs commands in it with streamed I/O.
+//!
+//! ```no_run
+//! # async fn demo() -> boxlite::BoxliteResult<()> {
+//! use boxlite::{BoxCommand, BoxOptions, BoxliteOptions, BoxliteRuntime};
+//! let runtime = BoxliteRuntime::new(BoxliteOptions::default())?;
+//! let litebox = runtime
+//!     .create(BoxOptions { rootfs_path: Some("/path/to/oci-layout".into()), ..Default::default() })
+//!     .await?;
+//! let result = litebox.exec(BoxCommand::new("echo").args(["hi"])).await?.wait().await?;
+//! assert_eq!(result.stdout, b"hi\n");
+//! litebox.stop().await?;
+//! # Ok(()) }
+//! ```
 
+mod agent;
+mod disks;
+mod error;
+mod exec;
+mod ids;
+pub mod images;
+mod litebox;
+mod metrics;
+mod options;
+mod process;
+mod runtime;
+mod units;
+mod vm;
+pub mod vmm;
+
+pub use error::{BoxliteError, BoxliteResult};
+pub use exec::{BoxCommand, ExecResult, ExecStdin, Execution, OutputStream};
+pub use ids::{BoxID, ContainerID};
+pub use litebox::{BoxInfo, BoxStatus, LiteBox};
+pub use metrics::{BoxMetrics, RuntimeMetrics};
+pub use options::{default_home, BoxOptions, BoxliteOptions};
+pub use runtime::BoxliteRuntime;
+pub use units::{Bytes, Seconds};
+pub use vmm::{Accel, AccelChoice};
+
+/// The version of this crate (and of the guest protocol it speaks, see `boxlite_proto`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

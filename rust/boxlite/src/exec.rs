@@ -1,0 +1,522 @@
+//! Running commands in a box: what to run (`BoxCommand`), the running process (`Execution`)
+//! and how it ended (`ExecResult`).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use boxlite_proto::{ExecRequest, ExitStatus, Message, StreamId, TtySize};
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::{Channel, ChannelEvent, ChannelHandle};
+use crate::error::{BoxliteError, BoxliteResult};
+use crate::metrics::{BoxCounters, RuntimeMetrics};
+use crate::options::{validate_box_path, validate_env};
+use crate::units::Seconds;
+
+/// A command to run in a box.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoxCommand {
+    pub program: String,
+    pub args: Vec<String>,
+    /// Added on top of the image's and the box's environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; else the box's, else the image's, else `/`.
+    pub cwd: Option<String>,
+    /// `name`, `uid`, `uid:gid` or `name:group`; else the box's, else the image's, else root.
+    pub user: Option<String>,
+    /// Run under a pseudo-terminal of this size; stderr then arrives on stdout.
+    pub tty: Option<TtySize>,
+    /// Kill the command after this long; `wait` then fails with `ExecTimeout`.
+    pub timeout: Option<Seconds>,
+}
+
+impl BoxCommand {
+    pub fn new(program: impl Into<String>) -> Self {
+        Self {
+            program: program.into(),
+            args: vec![],
+            env: vec![],
+            cwd: None,
+            user: None,
+            tty: None,
+            timeout: None,
+        }
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+    pub fn tty(mut self, rows: u16, cols: u16) -> Self {
+        self.tty = Some(TtySize { rows, cols });
+        self
+    }
+    pub fn timeout(mut self, timeout: Seconds) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub(crate) fn validate(&self) -> BoxliteResult<()> {
+        if self.program.is_empty() {
+            return Err(BoxliteError::invalid("cmd", "the command is empty"));
+        }
+        if self.program.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
+            return Err(BoxliteError::invalid(
+                "args",
+                "arguments cannot contain NUL bytes",
+            ));
+        }
+        validate_env("env", &self.env)?;
+        if let Some(cwd) = &self.cwd {
+            validate_box_path("cwd", cwd)?;
+        }
+        if let Some(TtySize { rows: 0, .. } | TtySize { cols: 0, .. }) = self.tty {
+            return Err(BoxliteError::invalid(
+                "tty",
+                "rows and cols must be at least 1",
+            ));
+        }
+        if self.timeout == Some(Seconds::from_millis(0)) {
+            return Err(BoxliteError::invalid("timeout", "must be more than zero"));
+        }
+        Ok(())
+    }
+
+    /// `program args...` for messages.
+    pub fn display(&self) -> String {
+        std::iter::once(self.program.as_str())
+            .chain(self.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// How a command ended, with whatever output `wait` collected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    /// The exit code; `128 + signal` when a signal killed it, as shells report it.
+    pub exit_code: i32,
+    /// The signal that killed the command, if one did.
+    pub signal: Option<i32>,
+    /// Output not already taken through [`Execution::stdout`].
+    pub stdout: Vec<u8>,
+    /// Output not already taken through [`Execution::stderr`].
+    pub stderr: Vec<u8>,
+}
+
+impl ExecResult {
+    pub fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+}
+
+/// Where the per-box and runtime-wide counters of an execution go.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecCounters {
+    pub of_box: Arc<BoxCounters>,
+    pub runtime: RuntimeMetrics,
+}
+
+impl ExecCounters {
+    fn error(&self) {
+        self.of_box.run_errors.fetch_add(1, Relaxed);
+        self.runtime.run_error();
+    }
+}
+
+/// A command running in a box. Clones share it.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    inner: Arc<ExecInner>,
+}
+
+#[derive(Debug)]
+struct ExecInner {
+    id: String,
+    pid: u32,
+    command: String,
+    timeout: Option<Seconds>,
+    handle: ChannelHandle,
+    stdout: Mutex<Option<OutputStream>>,
+    stderr: Mutex<Option<OutputStream>>,
+    stdin: Mutex<Option<ExecStdin>>,
+    exit: watch::Receiver<Option<Result<ExitStatus, String>>>,
+    counters: ExecCounters,
+    _pump: AbortOnDrop,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Execution {
+    /// Sends the request on `channel` and waits until the guest has started the process.
+    pub(crate) async fn start(
+        mut channel: Channel,
+        command: &BoxCommand,
+        counters: ExecCounters,
+    ) -> BoxliteResult<Self> {
+        counters.of_box.commands_run.fetch_add(1, Relaxed);
+        counters.runtime.command_run();
+        let shown = command.display();
+        let pid = loop {
+            let event = channel.recv().await.inspect_err(|_| counters.error())?;
+            match event {
+                ChannelEvent::Message(Message::Started { pid }) => break pid,
+                ChannelEvent::Message(Message::Error { kind, message }) => {
+                    counters.error();
+                    return Err(start_error(&shown, kind, message));
+                }
+                ChannelEvent::Message(other) => {
+                    counters.error();
+                    return Err(BoxliteError::GuestProtocol(format!(
+                        "expected Started, got {other:?}"
+                    )));
+                }
+                ChannelEvent::Data(..) | ChannelEvent::Eof(_) => {
+                    counters.error();
+                    return Err(BoxliteError::GuestProtocol(
+                        "output before the process started".into(),
+                    ));
+                }
+            }
+        };
+        let handle = channel.handle.clone();
+        let (stdout_tx, stdout_rx) = mpsc::unbounded_channel();
+        let (stderr_tx, stderr_rx) = mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let pump = tokio::spawn(pump(
+            channel,
+            stdout_tx,
+            stderr_tx,
+            exit_tx,
+            counters.of_box.clone(),
+        ));
+        let stream = |rx, stream| OutputStream {
+            rx,
+            handle: handle.clone(),
+            stream,
+        };
+        Ok(Self {
+            inner: Arc::new(ExecInner {
+                id: ulid::Ulid::new().to_string(),
+                pid,
+                command: shown,
+                timeout: command.timeout,
+                stdout: Mutex::new(Some(stream(stdout_rx, StreamId::Stdout))),
+                stderr: Mutex::new(Some(stream(stderr_rx, StreamId::Stderr))),
+                stdin: Mutex::new(Some(ExecStdin {
+                    handle: handle.clone(),
+                    counters: counters.of_box.clone(),
+                    closed: false,
+                })),
+                handle,
+                exit: exit_rx,
+                counters,
+                _pump: AbortOnDrop(pump),
+            }),
+        })
+    }
+
+    /// A unique id of this execution.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The process id inside the box.
+    pub fn pid(&self) -> u32 {
+        self.inner.pid
+    }
+
+    /// The stdout stream; `None` once taken (by an earlier call or by `wait`).
+    pub fn stdout(&self) -> Option<OutputStream> {
+        self.inner.stdout.lock().ok()?.take()
+    }
+
+    /// The stderr stream; `None` once taken. Empty under a tty.
+    pub fn stderr(&self) -> Option<OutputStream> {
+        self.inner.stderr.lock().ok()?.take()
+    }
+
+    /// The stdin writer; `None` once taken. Stdin stays open until the writer is closed or
+    /// dropped, or until `wait` is called while it was never taken.
+    pub fn stdin(&self) -> Option<ExecStdin> {
+        self.inner.stdin.lock().ok()?.take()
+    }
+
+    /// Sends `signal` to the command's process group.
+    pub fn kill(&self, signal: i32) -> BoxliteResult<()> {
+        if !(1..=64).contains(&signal) {
+            return Err(BoxliteError::invalid(
+                "signal",
+                format!("{signal} is not a signal number"),
+            ));
+        }
+        self.inner.handle.send_message(Message::Signal { signal })
+    }
+
+    /// Tells the command's terminal its new size.
+    pub fn resize_tty(&self, rows: u16, cols: u16) -> BoxliteResult<()> {
+        if rows == 0 || cols == 0 {
+            return Err(BoxliteError::invalid(
+                "tty",
+                "rows and cols must be at least 1",
+            ));
+        }
+        self.inner
+            .handle
+            .send_message(Message::Resize(TtySize { rows, cols }))
+    }
+
+    /// Waits for the command to end. Output streams not taken before are collected into the
+    /// result. A command killed by its timeout is an `ExecTimeout` error.
+    pub async fn wait(&self) -> BoxliteResult<ExecResult> {
+        if let Some(mut stdin) = self.stdin() {
+            stdin.close()?;
+        }
+        let (stdout, stderr, status) = tokio::join!(
+            collect(self.stdout()),
+            collect(self.stderr()),
+            self.exit_status()
+        );
+        let status = status?;
+        if status.timed_out {
+            self.inner.counters.error();
+            return Err(BoxliteError::ExecTimeout {
+                command: self.inner.command.clone(),
+                timeout: self.inner.timeout.unwrap_or_default(),
+            });
+        }
+        let exit_code = match (status.code, status.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => -1,
+        };
+        Ok(ExecResult {
+            exit_code,
+            signal: status.signal,
+            stdout,
+            stderr,
+        })
+    }
+
+    async fn exit_status(&self) -> BoxliteResult<ExitStatus> {
+        let mut exit = self.inner.exit.clone();
+        let value = exit
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| {
+                BoxliteError::GuestProtocol("the execution ended without a status".into())
+            })?
+            .clone();
+        match value {
+            Some(Ok(status)) => Ok(status),
+            Some(Err(reason)) => Err(BoxliteError::GuestProtocol(format!(
+                "`{}` did not finish: {reason}",
+                self.inner.command
+            ))),
+            None => Err(BoxliteError::Internal("exit status vanished".into())),
+        }
+    }
+}
+
+fn start_error(command: &str, kind: boxlite_proto::ErrorKind, message: String) -> BoxliteError {
+    use boxlite_proto::ErrorKind as K;
+    match kind {
+        K::InvalidArgument => BoxliteError::invalid("exec", message),
+        K::NotFound | K::SpawnFailed | K::Io | K::Unsupported => BoxliteError::ExecStartFailed {
+            command: command.to_owned(),
+            reason: message,
+        },
+        K::Internal => BoxliteError::GuestProtocol(format!("guest agent error: {message}")),
+    }
+}
+
+async fn collect(stream: Option<OutputStream>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(mut stream) = stream {
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk);
+        }
+    }
+    out
+}
+
+/// Routes an execution's frames: output to its streams, the final status to `exit`.
+async fn pump(
+    mut channel: Channel,
+    stdout: mpsc::UnboundedSender<Vec<u8>>,
+    stderr: mpsc::UnboundedSender<Vec<u8>>,
+    exit: watch::Sender<Option<Result<ExitStatus, String>>>,
+    counters: Arc<BoxCounters>,
+) {
+    let mut stdout = Some(stdout);
+    let mut stderr = Some(stderr);
+    let outcome = loop {
+        match channel.recv().await {
+            Ok(ChannelEvent::Data(stream, data)) => {
+                counters
+                    .bytes_received
+                    .fetch_add(data.len() as u64, Relaxed);
+                let target = if stream == StreamId::Stdout {
+                    &stdout
+                } else {
+                    &stderr
+                };
+                let len = data.len();
+                // Nobody listening: credit at once so the guest never stalls on dropped output.
+                let delivered = target.as_ref().is_some_and(|tx| tx.send(data).is_ok());
+                if !delivered {
+                    channel.handle.credit(stream, len);
+                }
+            }
+            Ok(ChannelEvent::Eof(StreamId::Stdout)) => stdout = None,
+            Ok(ChannelEvent::Eof(_)) => stderr = None,
+            Ok(ChannelEvent::Message(Message::Exited(status))) => break Ok(status),
+            Ok(ChannelEvent::Message(Message::Error { message, .. })) => break Err(message),
+            Ok(ChannelEvent::Message(_)) => {}
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    drop((stdout, stderr));
+    let _ = exit.send(Some(outcome));
+}
+
+/// One output stream of an execution, chunk by chunk as the guest sends it.
+#[derive(Debug)]
+pub struct OutputStream {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    handle: ChannelHandle,
+    stream: StreamId,
+}
+
+impl OutputStream {
+    /// The next chunk; `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Vec<u8>> {
+        let chunk = self.rx.recv().await?;
+        self.handle.credit(self.stream, chunk.len());
+        Some(chunk)
+    }
+}
+
+impl Drop for OutputStream {
+    fn drop(&mut self) {
+        // Credit what nobody will read so the process is not blocked on a full window.
+        self.rx.close();
+        while let Ok(chunk) = self.rx.try_recv() {
+            self.handle.credit(self.stream, chunk.len());
+        }
+    }
+}
+
+/// Writes to an execution's stdin.
+#[derive(Debug)]
+pub struct ExecStdin {
+    handle: ChannelHandle,
+    counters: Arc<BoxCounters>,
+    closed: bool,
+}
+
+impl ExecStdin {
+    /// Sends `data`, waiting while the guest has not consumed earlier input.
+    pub async fn write(&mut self, data: &[u8]) -> BoxliteResult<()> {
+        if self.closed {
+            return Err(BoxliteError::invalid("stdin", "stdin is already closed"));
+        }
+        self.handle.send_stdin(data).await?;
+        self.counters
+            .bytes_sent
+            .fetch_add(data.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Closes stdin: the command reads end-of-file.
+    pub fn close(&mut self) -> BoxliteResult<()> {
+        if !self.closed {
+            self.closed = true;
+            self.handle.send_eof(StreamId::Stdin)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ExecStdin {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_commands_are_refused_before_reaching_the_guest() {
+        let cases = [
+            (BoxCommand::new(""), "cmd"),
+            (BoxCommand::new("sh").env("A=B", "1"), "env"),
+            (BoxCommand::new("sh").env("A", "x\0"), "env"),
+            (BoxCommand::new("sh").cwd("relative"), "cwd"),
+            (BoxCommand::new("sh").args(["a\0b"]), "args"),
+            (BoxCommand::new("sh").tty(0, 80), "tty"),
+            (
+                BoxCommand::new("sh").timeout(Seconds::from_millis(0)),
+                "timeout",
+            ),
+        ];
+        for (command, field) in cases {
+            match command.validate() {
+                Err(BoxliteError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        BoxCommand::new("sh")
+            .args(["-c", "true"])
+            .env("A", "1")
+            .cwd("/tmp")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn display_joins_program_and_args() {
+        assert_eq!(
+            BoxCommand::new("echo").args(["a", "b"]).display(),
+            "echo a b"
+        );
+    }
+}
+
+/// The protocol request for `command` once image and box defaults are applied.
+pub(crate) fn to_request(
+    command: &BoxCommand,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    user: Option<String>,
+) -> ExecRequest {
+    ExecRequest {
+        program: command.program.clone(),
+        args: command.args.clone(),
+        env,
+        cwd,
+        user,
+        tty: command.tty,
+        timeout_ms: command.timeout.map(Seconds::as_millis),
+    }
+}

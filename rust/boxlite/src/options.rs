@@ -1,0 +1,324 @@
+//! Options of the runtime and of one box, validated before anything is done.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BoxliteError, BoxliteResult};
+use crate::units::{Bytes, Seconds};
+
+/// How a runtime is set up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoxliteOptions {
+    /// Where boxes, images and state live. Default: `$BOXLITE_HOME`, else `~/.boxlite`.
+    pub home_dir: PathBuf,
+    /// How long a guest may take from engine start to its agent reporting ready.
+    pub boot_timeout: Seconds,
+    /// How long a graceful stop may take before the engine is killed.
+    pub stop_timeout: Seconds,
+    /// The guest bundle shipped with the installed package, searched after
+    /// `$BOXLITE_GUEST_DIR` and before `<home>/guest`.
+    pub guest_dir: Option<PathBuf>,
+}
+
+impl BoxliteOptions {
+    pub fn with_home(home_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            home_dir: home_dir.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for BoxliteOptions {
+    fn default() -> Self {
+        Self {
+            home_dir: default_home(),
+            boot_timeout: Seconds::from_secs(60),
+            stop_timeout: Seconds::from_secs(10),
+            guest_dir: None,
+        }
+    }
+}
+
+/// `$BOXLITE_HOME`, else `~/.boxlite`, else `./.boxlite` when there is no home at all.
+pub fn default_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("BOXLITE_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home);
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".boxlite"))
+        .unwrap_or_else(|| PathBuf::from(".boxlite"))
+}
+
+/// What one box is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoxOptions {
+    /// An OCI image layout directory (`index.json`, `blobs/`) to boot from.
+    pub rootfs_path: Option<PathBuf>,
+    /// An image reference; registries come with a later release.
+    pub image: Option<String>,
+    /// A unique, human name for the box.
+    pub name: Option<String>,
+    pub cpus: u32,
+    pub memory: Bytes,
+    /// Default working directory of commands (else the image's).
+    pub working_dir: Option<String>,
+    /// Added to the image's environment; commands may add more.
+    pub env: Vec<(String, String)>,
+    /// Default user of commands (else the image's).
+    pub user: Option<String>,
+}
+
+impl Default for BoxOptions {
+    fn default() -> Self {
+        Self {
+            rootfs_path: None,
+            image: None,
+            name: None,
+            cpus: 1,
+            memory: Bytes::from_mib(512),
+            working_dir: None,
+            env: Vec::new(),
+            user: None,
+        }
+    }
+}
+
+/// The smallest guest that boots the agent with room for a command.
+pub const MIN_MEMORY: Bytes = Bytes::from_mib(128);
+
+impl BoxOptions {
+    /// Checks every field against this host; the error names the field and the fix.
+    pub fn validate(&self) -> BoxliteResult<()> {
+        match (&self.rootfs_path, &self.image) {
+            (None, None) => {
+                return Err(BoxliteError::invalid(
+                    "rootfs_path",
+                    "give an OCI image layout directory (rootfs_path) or an image",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(BoxliteError::invalid(
+                    "image",
+                    "give either image or rootfs_path, not both",
+                ))
+            }
+            _ => {}
+        }
+        let host_cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        if self.cpus == 0 || self.cpus > host_cpus {
+            return Err(BoxliteError::invalid(
+                "cpus",
+                format!(
+                    "{} is out of range: this host has {host_cpus} CPUs, use 1 to {host_cpus}",
+                    self.cpus
+                ),
+            ));
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(BoxliteError::invalid(
+                "memory",
+                format!("{} is below the minimum of {MIN_MEMORY}", self.memory),
+            ));
+        }
+        if let Some(host) = host_memory() {
+            if self.memory > host {
+                return Err(BoxliteError::invalid(
+                    "memory",
+                    format!("{} is more than this host's {host}", self.memory),
+                ));
+            }
+        }
+        if let Some(dir) = &self.working_dir {
+            validate_box_path("working_dir", dir)?;
+        }
+        validate_env("env", &self.env)?;
+        if let Some(name) = &self.name {
+            validate_name(name)?;
+        }
+        Ok(())
+    }
+}
+
+/// A path inside the box: absolute, no NUL.
+pub(crate) fn validate_box_path(field: &str, path: &str) -> BoxliteResult<()> {
+    if !path.starts_with('/') {
+        return Err(BoxliteError::invalid(
+            field,
+            format!("{path:?} must be an absolute path inside the box"),
+        ));
+    }
+    if path.contains('\0') {
+        return Err(BoxliteError::invalid(field, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// Environment names must be non-empty and free of `=` and NUL; values free of NUL.
+pub(crate) fn validate_env(field: &str, env: &[(String, String)]) -> BoxliteResult<()> {
+    for (key, value) in env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(BoxliteError::invalid(
+                field,
+                format!("variable name {key:?} must be non-empty and contain no '=' or NUL"),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(BoxliteError::invalid(
+                field,
+                format!("value of {key} contains a NUL byte"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_name(name: &str) -> BoxliteResult<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(ok_char)
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if !valid {
+        return Err(BoxliteError::invalid(
+            "name",
+            format!("{name:?}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Total RAM of this host, from /proc/meminfo.
+fn host_memory() -> Option<Bytes> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Bytes::from_kib(kib))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout_box() -> BoxOptions {
+        BoxOptions {
+            rootfs_path: Some("/x".into()),
+            ..BoxOptions::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        layout_box().validate().unwrap();
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(BoxOptions, &str)> = vec![
+            (BoxOptions::default(), "rootfs_path"),
+            (
+                BoxOptions {
+                    image: Some("a".into()),
+                    ..layout_box()
+                },
+                "image",
+            ),
+            (
+                BoxOptions {
+                    cpus: 0,
+                    ..layout_box()
+                },
+                "cpus",
+            ),
+            (
+                BoxOptions {
+                    cpus: 100_000,
+                    ..layout_box()
+                },
+                "cpus",
+            ),
+            (
+                BoxOptions {
+                    memory: Bytes::from_mib(64),
+                    ..layout_box()
+                },
+                "memory",
+            ),
+            (
+                BoxOptions {
+                    memory: Bytes::from_gib(1 << 20),
+                    ..layout_box()
+                },
+                "memory",
+            ),
+            (
+                BoxOptions {
+                    working_dir: Some("tmp".into()),
+                    ..layout_box()
+                },
+                "working_dir",
+            ),
+            (
+                BoxOptions {
+                    env: vec![("A=B".into(), "1".into())],
+                    ..layout_box()
+                },
+                "env",
+            ),
+            (
+                BoxOptions {
+                    env: vec![("A\0".into(), "1".into())],
+                    ..layout_box()
+                },
+                "env",
+            ),
+            (
+                BoxOptions {
+                    env: vec![("".into(), "1".into())],
+                    ..layout_box()
+                },
+                "env",
+            ),
+            (
+                BoxOptions {
+                    name: Some("-bad".into()),
+                    ..layout_box()
+                },
+                "name",
+            ),
+            (
+                BoxOptions {
+                    name: Some("a b".into()),
+                    ..layout_box()
+                },
+                "name",
+            ),
+        ];
+        for (options, field) in cases {
+            let err = options.validate().unwrap_err();
+            match err {
+                BoxliteError::InvalidArgument { field: f, .. } => assert_eq!(f, field),
+                other => panic!("{field}: unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn home_follows_the_environment() {
+        // Only checks the shape: the variable may or may not be set by the caller.
+        assert!(!default_home().as_os_str().is_empty());
+    }
+}

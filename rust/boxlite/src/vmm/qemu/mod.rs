@@ -1,0 +1,231 @@
+//! The QEMU engine: `qemu-system-<arch>` from the OS packages, one child process per VM.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{Accel, DiskFormat, Engine, VmConfig, CONSOLE_LOG_LIMIT};
+use crate::error::{BoxliteError, BoxliteResult};
+use crate::process::GuardedChild;
+
+/// Kernel parameters that shorten a boot under a software CPU and keep the console quiet.
+const BASE_KERNEL_ARGS: &[&str] = &["console=ttyS0", "panic=-1", "quiet", "loglevel=3"];
+
+#[derive(Debug, Clone)]
+pub struct QemuEngine {
+    binary: PathBuf,
+}
+
+impl QemuEngine {
+    /// Finds the QEMU binary for this host's architecture (`$BOXLITE_QEMU` overrides).
+    pub fn locate() -> BoxliteResult<Self> {
+        let name = binary_name();
+        if let Some(path) = std::env::var_os("BOXLITE_QEMU").filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(path);
+            return if path.is_file() {
+                Ok(Self { binary: path })
+            } else {
+                Err(BoxliteError::engine_unavailable(
+                    format!("BOXLITE_QEMU={} does not exist", path.display()),
+                    format!("point it at a {name} binary or unset it"),
+                ))
+            };
+        }
+        find_in_path(name)
+            .map(|binary| Self { binary })
+            .ok_or_else(|| {
+                BoxliteError::engine_unavailable(
+                    format!("{name} not found in PATH"),
+                    install_hint(),
+                )
+            })
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// The full argument list for `config` (public for tests and `boxlite info`).
+    pub fn args(&self, config: &VmConfig) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+        let machine = match (std::env::consts::ARCH, config.accel) {
+            ("aarch64", _) => "virt",
+            _ => "q35",
+        };
+        let cpu = match config.accel {
+            Accel::Tcg => "max",
+            Accel::Kvm | Accel::Hvf => "host",
+        };
+        push(&["-name", &config.name]);
+        push(&[
+            "-machine",
+            machine,
+            "-accel",
+            config.accel.qemu_name(),
+            "-cpu",
+            cpu,
+        ]);
+        push(&[
+            "-smp",
+            &config.cpus.to_string(),
+            "-m",
+            &format!("{}M", config.memory.as_mib()),
+        ]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        push(&["-serial", "stdio"]);
+        // QEMU confines itself: no new privileges, no spawning, no obsolete syscalls.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
+        args.push("-kernel".into());
+        args.push(config.kernel.clone().into());
+        args.push("-initrd".into());
+        args.push(config.initramfs.clone().into());
+        let mut kernel_args: Vec<&str> = BASE_KERNEL_ARGS.to_vec();
+        kernel_args.extend(config.kernel_args.iter().map(String::as_str));
+        args.push("-append".into());
+        args.push(kernel_args.join(" ").into());
+
+        args.push("-device".into());
+        args.push("virtio-serial-pci,id=vser0".into());
+        args.push("-chardev".into());
+        args.push(chardev_socket_arg(&config.agent_socket));
+        args.push("-device".into());
+        args.push(
+            format!(
+                "virtserialport,bus=vser0.0,chardev=agent,name={}",
+                boxlite_proto::GUEST_PORT_NAME
+            )
+            .into(),
+        );
+
+        for (index, disk) in config.disks.iter().enumerate() {
+            let format = match disk.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            let cache = if disk.volatile { "unsafe" } else { "writeback" };
+            let mut drive = OsString::from("file=");
+            drive.push(escape_commas(disk.path.as_os_str()));
+            drive.push(format!(
+                ",if=none,id=disk{index},format={format},cache={cache},discard=unmap"
+            ));
+            args.push("-drive".into());
+            args.push(drive);
+            args.push("-device".into());
+            args.push(format!("virtio-blk-pci,drive=disk{index}").into());
+        }
+        args
+    }
+}
+
+impl Engine for QemuEngine {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn spawn(&self, config: &VmConfig) -> BoxliteResult<GuardedChild> {
+        let mut command = Command::new(&self.binary);
+        command.args(self.args(config));
+        GuardedChild::spawn(command, &config.console_log, CONSOLE_LOG_LIMIT)
+    }
+}
+
+fn chardev_socket_arg(path: &Path) -> OsString {
+    let mut arg = OsString::from("socket,id=agent,path=");
+    arg.push(escape_commas(path.as_os_str()));
+    arg
+}
+
+/// QEMU option values separate fields with commas; a literal comma is written twice.
+fn escape_commas(value: &std::ffi::OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+fn binary_name() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "qemu-system-aarch64",
+        _ => "qemu-system-x86_64",
+    }
+}
+
+fn install_hint() -> &'static str {
+    if cfg!(target_os = "macos") {
+        "install QEMU (`brew install qemu`)"
+    } else if std::env::consts::ARCH == "aarch64" {
+        "install the qemu-system-arm package (`apt-get install qemu-system-arm`)"
+    } else {
+        "install the qemu-system-x86 package (`apt-get install qemu-system-x86`)"
+    }
+}
+
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Bytes;
+    use crate::vmm::DiskAttachment;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            name: "boxlite-test".into(),
+            kernel: "/b/vmlinuz".into(),
+            initramfs: "/b/initramfs.cpio".into(),
+            kernel_args: vec!["boxlite.root=/dev/vda".into()],
+            cpus: 2,
+            memory: Bytes::from_mib(512),
+            disks: vec![DiskAttachment {
+                path: "/h/a,b.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                volatile: false,
+            }],
+            agent_socket: "/h/agent.sock".into(),
+            console_log: "/h/console.log".into(),
+            accel: Accel::Tcg,
+        }
+    }
+
+    #[test]
+    fn command_line_has_only_the_devices_a_box_uses() {
+        let engine = QemuEngine {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        let args: Vec<String> = engine
+            .args(&config())
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg -cpu max"));
+        assert!(joined.contains("-smp 2 -m 512M"));
+        assert!(joined.contains("-nodefaults"));
+        assert!(joined.contains("file=/h/a,,b.qcow2,if=none,id=disk0,format=qcow2,cache=writeback"));
+        assert!(joined.contains("socket,id=agent,path=/h/agent.sock"));
+        assert!(joined.contains("name=boxlite.agent"));
+        assert!(joined.contains("console=ttyS0 panic=-1 quiet loglevel=3 boxlite.root=/dev/vda"));
+        assert!(!joined.contains("netdev"), "no network device yet");
+        assert_eq!(args.iter().filter(|a| *a == "-device").count(), 3);
+    }
+}
