@@ -175,26 +175,18 @@ impl Execution {
         counters.of_box.commands_run.fetch_add(1, Relaxed);
         counters.runtime.command_run();
         let shown = command.display();
-        let pid = loop {
-            let event = channel.recv().await.inspect_err(|_| counters.error())?;
-            match event {
-                ChannelEvent::Message(Message::Started { pid }) => break pid,
-                ChannelEvent::Message(Message::Error { kind, message }) => {
-                    counters.error();
-                    return Err(start_error(&shown, kind, message));
-                }
-                ChannelEvent::Message(other) => {
-                    counters.error();
-                    return Err(BoxliteError::GuestProtocol(format!(
-                        "expected Started, got {other:?}"
-                    )));
-                }
-                ChannelEvent::Data(..) | ChannelEvent::Eof(_) => {
-                    counters.error();
-                    return Err(BoxliteError::GuestProtocol(
-                        "output before the process started".into(),
-                    ));
-                }
+        let event = channel.recv().await.inspect_err(|_| counters.error())?;
+        let pid = match event {
+            ChannelEvent::Message(Message::Started { pid }) => pid,
+            ChannelEvent::Message(Message::Error { kind, message }) => {
+                counters.error();
+                return Err(start_error(&shown, kind, message));
+            }
+            other => {
+                counters.error();
+                return Err(BoxliteError::GuestProtocol(format!(
+                    "expected Started, got {other:?}"
+                )));
             }
         };
         let handle = channel.handle.clone();
@@ -462,6 +454,24 @@ impl Drop for ExecStdin {
     }
 }
 
+/// The protocol request for `command` once image and box defaults are applied.
+pub(crate) fn to_request(
+    command: &BoxCommand,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    user: Option<String>,
+) -> ExecRequest {
+    ExecRequest {
+        program: command.program.clone(),
+        args: command.args.clone(),
+        env,
+        cwd,
+        user,
+        tty: command.tty,
+        timeout_ms: command.timeout.map(Seconds::as_millis),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,23 +510,5 @@ mod tests {
             BoxCommand::new("echo").args(["a", "b"]).display(),
             "echo a b"
         );
-    }
-}
-
-/// The protocol request for `command` once image and box defaults are applied.
-pub(crate) fn to_request(
-    command: &BoxCommand,
-    env: Vec<(String, String)>,
-    cwd: Option<String>,
-    user: Option<String>,
-) -> ExecRequest {
-    ExecRequest {
-        program: command.program.clone(),
-        args: command.args.clone(),
-        env,
-        cwd,
-        user,
-        tty: command.tty,
-        timeout_ms: command.timeout.map(Seconds::as_millis),
     }
 }

@@ -31,7 +31,9 @@ impl BoxID {
         }
         // 26 base32 digits carry 130 bits; a first digit above 7 would overflow 128.
         if !matches!(text.as_bytes()[0], b'0'..=b'7') {
-            return Err(bad("is out of range: a box id starts with a digit from 0 to 7"));
+            return Err(bad(
+                "is out of range: a box id starts with a digit from 0 to 7",
+            ));
         }
         ulid::Ulid::from_string(text)
             .map(Self)

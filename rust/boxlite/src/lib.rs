@@ -29,6 +29,7 @@ mod units;
 mod vm;
 pub mod vmm;
 
+pub use boxlite_proto::TtySize;
 pub use error::{BoxliteError, BoxliteResult};
 pub use exec::{BoxCommand, ExecResult, ExecStdin, Execution, OutputStream};
 pub use ids::{BoxID, ContainerID};

@@ -1,0 +1,78 @@
+# boxlite: `make demo` runs a box, `make test` runs every check. Both install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := demo
+
+VENV       := .venv
+PY         := $(VENV)/bin/python
+BUILD      := build
+STAMPS     := $(BUILD)/stamps
+GUEST_OUT  := $(BUILD)/guest
+PKG_GUEST  := python/boxlite/guest
+DEMO_IMAGE := $(BUILD)/images/busybox
+AGENT      := target/guest/x86_64-unknown-linux-gnu/release/boxlite-guest
+PY_DEPS    := maturin>=1.7,<2 pytest>=8 pytest-asyncio>=0.23 pytest-timeout>=2.3 mypy>=1.10 ruff>=0.5
+
+RUST_SOURCES  := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml)
+GUEST_SOURCES := $(shell find rust/boxlite-guest rust/boxlite-proto -name '*.rs' -o -name Cargo.toml)
+
+.PHONY: demo test guest develop lint rust-test py-test stubtest image clean bench
+
+demo: develop guest image
+	$(PY) scripts/demo.py $(DEMO_IMAGE)
+
+test: develop guest image lint rust-test stubtest py-test
+
+$(STAMPS)/system:
+	scripts/install-system-deps.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/venv: $(STAMPS)/system
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(foreach d,$(PY_DEPS),'$(d)')
+	@touch $@
+
+# The extension module, installed into the venv (editable: python/ is imported directly).
+$(STAMPS)/develop: $(STAMPS)/venv $(RUST_SOURCES) pyproject.toml
+	source $(VENV)/bin/activate && maturin develop --release -q
+	@touch $@
+
+develop: $(STAMPS)/develop
+
+# The guest agent: a static binary, built apart so its flags never invalidate host builds.
+$(AGENT): $(GUEST_SOURCES) Cargo.lock
+	RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=target/guest \
+	  cargo build --release -q -p boxlite-guest --target x86_64-unknown-linux-gnu
+
+$(GUEST_OUT)/manifest.json: $(AGENT) guest/build.sh guest/kernel.lock $(STAMPS)/system
+	guest/build.sh $(AGENT) $(GUEST_OUT)
+
+$(PKG_GUEST)/manifest.json: $(GUEST_OUT)/manifest.json
+	rm -rf $(PKG_GUEST) && mkdir -p $(PKG_GUEST)
+	cp $(GUEST_OUT)/vmlinuz $(GUEST_OUT)/initramfs.cpio $(GUEST_OUT)/manifest.json $(PKG_GUEST)/
+
+guest: $(PKG_GUEST)/manifest.json
+
+$(DEMO_IMAGE)/index.json: images/busybox_layout.py $(STAMPS)/system
+	python3 images/busybox_layout.py $(DEMO_IMAGE)
+
+image: $(DEMO_IMAGE)/index.json
+
+lint: $(STAMPS)/venv
+	cargo fmt --all --check
+	cargo clippy -q --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests scripts images
+	$(VENV)/bin/ruff format --check python tests scripts images
+
+rust-test:
+	cargo test -q --workspace
+
+stubtest: develop
+	$(PY) -m mypy.stubtest boxlite._native
+	$(VENV)/bin/mypy
+
+py-test: develop guest image
+	BOXLITE_TEST_IMAGE=$(abspath $(DEMO_IMAGE)) $(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(BUILD) $(PKG_GUEST) target

@@ -1,0 +1,75 @@
+"""boxlite: run untrusted code in boxes, each an OCI image in its own lightweight VM.
+
+>>> import boxlite
+>>> async def main() -> None:
+...     async with boxlite.Boxlite(boxlite.Options(home_dir="/tmp/bl")) as rt:
+...         box = await rt.create(boxlite.BoxOptions(rootfs_path="/path/to/oci-layout"))
+...         result = await (await box.exec("echo", ["hi"])).wait()
+...         print(result.stdout)
+"""
+
+from __future__ import annotations
+
+from . import _native
+from ._native import BoxMetrics, RuntimeMetrics
+from ._runtime import Box, Boxlite, BoxOptions, ExecResult, ExecStdin, Execution, Options
+from .errors import (
+    BootTimeoutError,
+    BoxliteError,
+    BoxliteIOError,
+    BoxNotFoundError,
+    DatabaseError,
+    EngineUnavailableError,
+    ExecError,
+    ExecStartError,
+    ExecTimeoutError,
+    GuestProtocolError,
+    ImageNotFoundError,
+    ImagePullError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidStateError,
+    NotSupportedError,
+    RegistryUnauthorizedError,
+    StorageError,
+)
+
+__version__: str = _native.__version__
+
+
+def accelerator() -> tuple[str, str]:
+    """``(name, reason)``: the accelerator boxes run on here (``kvm``, ``hvf`` or ``tcg``)."""
+    return _native.accelerator()
+
+
+__all__ = [
+    "__version__",
+    "accelerator",
+    "Boxlite",
+    "Options",
+    "BoxOptions",
+    "Box",
+    "Execution",
+    "ExecStdin",
+    "ExecResult",
+    "RuntimeMetrics",
+    "BoxMetrics",
+    "BoxliteError",
+    "InvalidArgumentError",
+    "ImageNotFoundError",
+    "ImagePullError",
+    "RegistryUnauthorizedError",
+    "BoxNotFoundError",
+    "InvalidStateError",
+    "EngineUnavailableError",
+    "BootTimeoutError",
+    "GuestProtocolError",
+    "ExecStartError",
+    "ExecTimeoutError",
+    "StorageError",
+    "DatabaseError",
+    "BoxliteIOError",
+    "NotSupportedError",
+    "InternalError",
+    "ExecError",
+]

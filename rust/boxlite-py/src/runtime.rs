@@ -1,0 +1,198 @@
+//! The runtime and box classes.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use pyo3_async_runtimes::tokio::future_into_py;
+
+use crate::errors::IntoPyResult;
+use crate::exec::NativeExecution;
+use crate::metrics::{BoxMetrics, RuntimeMetrics};
+
+fn seconds(field: &str, value: Option<f64>) -> PyResult<Option<boxlite::Seconds>> {
+    value
+        .map(|v| {
+            boxlite::Seconds::try_from_secs_f64(v)
+                .filter(|s| s.as_millis() > 0)
+                .ok_or_else(|| {
+                    boxlite::BoxliteError::invalid(
+                        field,
+                        format!("{v} is not a positive number of seconds"),
+                    )
+                })
+                .py()
+        })
+        .transpose()
+}
+
+/// A boxlite runtime rooted at one home directory.
+#[derive(Debug)]
+#[pyclass(frozen, module = "boxlite._native")]
+pub struct Runtime(boxlite::BoxliteRuntime);
+
+#[pymethods]
+impl Runtime {
+    #[new]
+    #[pyo3(signature = (home_dir=None, guest_dir=None, boot_timeout_secs=None, stop_timeout_secs=None))]
+    fn new(
+        home_dir: Option<PathBuf>,
+        guest_dir: Option<PathBuf>,
+        boot_timeout_secs: Option<f64>,
+        stop_timeout_secs: Option<f64>,
+    ) -> PyResult<Self> {
+        let mut options = boxlite::BoxliteOptions::default();
+        if let Some(home) = home_dir {
+            options.home_dir = home;
+        }
+        options.guest_dir = guest_dir;
+        if let Some(t) = seconds("boot_timeout", boot_timeout_secs)? {
+            options.boot_timeout = t;
+        }
+        if let Some(t) = seconds("stop_timeout", stop_timeout_secs)? {
+            options.stop_timeout = t;
+        }
+        Ok(Self(boxlite::BoxliteRuntime::new(options).py()?))
+    }
+
+    #[getter]
+    fn home_dir(&self) -> PathBuf {
+        self.0.home().to_path_buf()
+    }
+
+    fn metrics(&self) -> RuntimeMetrics {
+        RuntimeMetrics(self.0.metrics())
+    }
+
+    /// The guest bundle directory boxes boot from.
+    fn guest_dir(&self) -> PyResult<PathBuf> {
+        Ok(self.0.guest_bundle().py()?.dir)
+    }
+
+    #[pyo3(signature = (*, rootfs_path=None, image=None, name=None, cpus=1, memory_mib=512, working_dir=None, env=Vec::new(), user=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn create<'py>(
+        &self,
+        py: Python<'py>,
+        rootfs_path: Option<PathBuf>,
+        image: Option<String>,
+        name: Option<String>,
+        cpus: u32,
+        memory_mib: u64,
+        working_dir: Option<String>,
+        env: Vec<(String, String)>,
+        user: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let options = boxlite::BoxOptions {
+            rootfs_path,
+            image,
+            name,
+            cpus,
+            memory: boxlite::Bytes::from_mib(memory_mib),
+            working_dir,
+            env,
+            user,
+        };
+        let runtime = self.0.clone();
+        future_into_py(py, async move {
+            Ok(NativeBox(runtime.create(options).await.py()?))
+        })
+    }
+
+    fn get(&self, id_or_name: &str) -> PyResult<NativeBox> {
+        Ok(NativeBox(self.0.get(id_or_name).py()?))
+    }
+
+    fn boxes(&self) -> Vec<NativeBox> {
+        self.0.boxes().into_iter().map(NativeBox).collect()
+    }
+}
+
+/// One box.
+#[derive(Debug)]
+#[pyclass(frozen, module = "boxlite._native")]
+pub struct NativeBox(boxlite::LiteBox);
+
+fn epoch_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[pymethods]
+impl NativeBox {
+    #[getter]
+    fn id(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    #[getter]
+    fn name(&self) -> Option<String> {
+        self.0.name().map(str::to_owned)
+    }
+
+    /// The box's description as a dict (the Python layer wraps it).
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.0.info();
+        let dict = PyDict::new(py);
+        dict.set_item("id", info.id.to_string())?;
+        dict.set_item("name", info.name)?;
+        dict.set_item("status", info.status.as_str())?;
+        dict.set_item("image", info.image)?;
+        dict.set_item("cpus", info.cpus)?;
+        dict.set_item("memory_mib", info.memory_mib)?;
+        dict.set_item("created_at", epoch_seconds(info.created_at))?;
+        dict.set_item("started_at", info.started_at.map(epoch_seconds))?;
+        dict.set_item("pid", info.pid)?;
+        dict.set_item("accelerator", info.accel.to_string())?;
+        dict.set_item("hardware_isolated", info.hardware_isolated)?;
+        dict.set_item("dir", self.0.dir().to_path_buf())?;
+        Ok(dict)
+    }
+
+    #[pyo3(signature = (program, args=Vec::new(), *, env=Vec::new(), cwd=None, user=None, tty=None, timeout_secs=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec<'py>(
+        &self,
+        py: Python<'py>,
+        program: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        user: Option<String>,
+        tty: Option<(u16, u16)>,
+        timeout_secs: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let command = boxlite::BoxCommand {
+            program,
+            args,
+            env,
+            cwd,
+            user,
+            tty: tty.map(|(rows, cols)| boxlite::TtySize { rows, cols }),
+            timeout: seconds("timeout", timeout_secs)?,
+        };
+        let litebox = self.0.clone();
+        future_into_py(py, async move {
+            Ok(NativeExecution::new(litebox.exec(command).await.py()?))
+        })
+    }
+
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move { litebox.start().await.py() })
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move { litebox.stop().await.py() })
+    }
+
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move {
+            Ok(BoxMetrics::from(litebox.metrics().await.py()?))
+        })
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs the system packages boxlite builds and tests with, only when something is missing.
+# Debian/Ubuntu only; elsewhere it says what to install and fails.
+set -euo pipefail
+
+# command -> package that provides it
+declare -A NEEDED=(
+  [qemu-system-x86_64]=qemu-system-x86
+  [qemu-img]=qemu-utils
+  [mkfs.ext4]=e2fsprogs
+  [cpio]=cpio
+  [busybox]=busybox-static
+  [docker-registry]=docker-registry
+  [umoci]=umoci
+  [skopeo]=skopeo
+  [htpasswd]=apache2-utils
+  [depmod]=kmod
+)
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+missing=()
+for cmd in "${!NEEDED[@]}"; do
+  have "$cmd" || missing+=("${NEEDED[$cmd]}")
+done
+# busybox must be the static build: it is copied into images.
+[ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q "dynamically" && missing+=(busybox-static)
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "missing system packages: ${missing[*]} (install them with your package manager)" >&2
+  exit 1
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing system packages: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+packages=("${missing[@]}")
+# qemu-system-x86 conflicts with a newer backported qemu-utils: take both from the release.
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+if printf '%s\n' "${packages[@]}" | grep -qx 'qemu-system-x86' && [ -n "$codename" ]; then
+  packages=("${packages[@]/qemu-utils/}")
+  packages+=("qemu-utils/$codename")
+fi
+apt-get install -y -qq --no-install-recommends --allow-downgrades kmod file "${packages[@]}"
