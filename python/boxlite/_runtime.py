@@ -271,6 +271,16 @@ class Box:
         )
         return Execution(native)
 
+    async def copy_in(self, host_path: PathLike, box_path: str) -> None:
+        """Copies a host file or directory into the box: to ``box_path`` exactly, or into it
+        when it ends with ``/``."""
+        await self._native.copy_in(os.fspath(host_path), box_path)
+
+    async def copy_out(self, box_path: str, host_path: PathLike) -> None:
+        """Copies a box file or directory to the host: to ``host_path`` exactly, or into it
+        when it is an existing directory or ends with ``/``."""
+        await self._native.copy_out(box_path, os.fspath(host_path))
+
     async def start(self) -> None:
         await self._native.start()
 

@@ -179,6 +179,30 @@ impl NativeBox {
         })
     }
 
+    fn copy_in<'py>(
+        &self,
+        py: Python<'py>,
+        host_path: PathBuf,
+        box_path: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move {
+            litebox.copy_in(&host_path, &box_path).await.py()
+        })
+    }
+
+    fn copy_out<'py>(
+        &self,
+        py: Python<'py>,
+        box_path: String,
+        host_path: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move {
+            litebox.copy_out(&box_path, &host_path).await.py()
+        })
+    }
+
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let litebox = self.0.clone();
         future_into_py(py, async move { litebox.start().await.py() })

@@ -15,6 +15,7 @@
 //! ```
 
 mod agent;
+mod copy;
 mod disks;
 mod error;
 mod exec;

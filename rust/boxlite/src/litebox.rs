@@ -290,6 +290,24 @@ impl LiteBox {
         Execution::start(channel, &command, counters).await
     }
 
+    /// Copies the host file or directory `src` into the box: to `dest` exactly, or into
+    /// `dest` when it ends with `/`.
+    pub async fn copy_in(&self, src: &std::path::Path, dest: &str) -> BoxliteResult<()> {
+        let vm = self
+            .running_vm()
+            .ok_or_else(|| self.wrong_state(self.status(), "copy into"))?;
+        crate::copy::copy_in(&vm.client, src, dest).await
+    }
+
+    /// Copies the box path `src` to the host: to `dest` exactly, or into `dest` when it is an
+    /// existing directory or ends with `/`. Nothing lands outside `dest`.
+    pub async fn copy_out(&self, src: &str, dest: &std::path::Path) -> BoxliteResult<()> {
+        let vm = self
+            .running_vm()
+            .ok_or_else(|| self.wrong_state(self.status(), "copy out of"))?;
+        crate::copy::copy_out(&vm.client, src, dest).await
+    }
+
     pub(crate) fn record_create_total(&self, ms: u128) {
         if let Ok(mut stages) = self.inner.stages.lock() {
             stages.total_create_ms = Some(ms);
