@@ -251,13 +251,14 @@ class Box:
         cmd: str,
         args: Iterable[str] | None = None,
         env: EnvLike = None,
-        tty: bool = False,
+        tty: bool | tuple[int, int] = False,
         user: str | None = None,
         timeout_secs: float | None = None,
         cwd: str | None = None,
     ) -> Execution:
         """Starts ``cmd args...`` in the box and returns at once; ``await (...).wait()`` for
-        the result. ``env`` adds to the image's and the box's environment."""
+        the result. ``env`` adds to the image's and the box's environment. ``tty=True`` runs
+        under a terminal the size of this process's (or 24x80); ``tty=(rows, cols)`` sets it."""
         if isinstance(args, str):
             raise InvalidArgumentError("invalid argument `args`: pass a list of arguments, not one string")
         native = await self._native.exec(
@@ -266,7 +267,7 @@ class Box:
             env=_env_pairs("env", env),
             cwd=cwd,
             user=user,
-            tty=_terminal_size() if tty else None,
+            tty=_terminal_size() if tty is True else (tty or None),
             timeout_secs=timeout_secs,
         )
         return Execution(native)
