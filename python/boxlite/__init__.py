@@ -33,6 +33,7 @@ from .errors import (
     RegistryUnauthorizedError,
     StorageError,
 )
+from .simplebox import CodeBox, SimpleBox
 
 __version__: str = _native.__version__
 
@@ -50,6 +51,8 @@ __all__ = [
     "BoxOptions",
     "Box",
     "Execution",
+    "SimpleBox",
+    "CodeBox",
     "ExecStdin",
     "ExecResult",
     "RuntimeMetrics",
