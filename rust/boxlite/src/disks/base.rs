@@ -186,6 +186,8 @@ fn pull_failed(reference: &str, e: std::io::Error) -> BoxliteError {
     }
 }
 
+/// Inode tables are written now, not by the guest's lazy-init thread, so a box does not
+/// spend its first seconds writing zeros into its overlay.
 async fn make_filesystem(path: &Path, size: Bytes) -> BoxliteResult<()> {
     let mkfs = find_tool("mkfs.ext4", "e2fsprogs")?;
     let file = std::fs::File::create(path).ctx(|| format!("creating {}", path.display()))?;
@@ -200,7 +202,7 @@ async fn make_filesystem(path: &Path, size: Bytes) -> BoxliteResult<()> {
             "-m",
             "0",
             "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+            "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0",
         ])
         .args(["-L", "boxlite-root"])
         .arg(path);

@@ -8,8 +8,17 @@ use super::{Accel, DiskFormat, Engine, VmConfig, CONSOLE_LOG_LIMIT};
 use crate::error::{BoxliteError, BoxliteResult};
 use crate::process::GuardedChild;
 
-/// Kernel parameters that shorten a boot under a software CPU and keep the console quiet.
-const BASE_KERNEL_ARGS: &[&str] = &["console=ttyS0", "panic=-1", "quiet", "loglevel=3"];
+/// Kernel parameters that shorten a boot under a software CPU and keep the console quiet
+/// (measured in guest/README.md): no crypto self-tests at boot, no patching out of `lock`
+/// prefixes (self-modifying code is slow under TCG), a panic ends the VM.
+const BASE_KERNEL_ARGS: &[&str] = &[
+    "console=ttyS0",
+    "panic=-1",
+    "quiet",
+    "loglevel=3",
+    "cryptomgr.notests",
+    "noreplace-smp",
+];
 
 #[derive(Debug, Clone)]
 pub struct QemuEngine {
@@ -224,7 +233,7 @@ mod tests {
         assert!(joined.contains("file=/h/a,,b.qcow2,if=none,id=disk0,format=qcow2,cache=writeback"));
         assert!(joined.contains("socket,id=agent,path=/h/agent.sock"));
         assert!(joined.contains("name=boxlite.agent"));
-        assert!(joined.contains("console=ttyS0 panic=-1 quiet loglevel=3 boxlite.root=/dev/vda"));
+        assert!(joined.contains("console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests noreplace-smp boxlite.root=/dev/vda"));
         assert!(!joined.contains("netdev"), "no network device yet");
         assert_eq!(args.iter().filter(|a| *a == "-device").count(), 3);
     }
