@@ -57,6 +57,11 @@ pub(crate) async fn launch(
             ready = tokio::time::timeout_at(deadline, ready) => match ready {
                 Ok(Ok(message)) => message,
                 Ok(Err(_)) => {
+                    // Usually the engine itself died; its own words are in the console log.
+                    let grace = std::time::Duration::from_secs(2);
+                    if let Ok(exit) = tokio::time::timeout(grace, child.wait()).await {
+                        return Err(engine_exited(&exit.0, &config.console_log));
+                    }
                     let reason = client.closed_reason().unwrap_or_default();
                     return Err(BoxliteError::GuestProtocol(format!("the agent hung up before it was ready: {reason}")));
                 }

@@ -1,0 +1,112 @@
+"""Fixtures for the integration tests: real VMs (TCG here), real disks, real images.
+
+Every runtime made here lives in a temporary home; at the end each fixture checks that no
+QEMU process of that home is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import boxlite
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def engine_pids(marker: str) -> list[int]:
+    """Pids of QEMU processes whose command line mentions `marker` (a home directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "qemu-system" in cmdline and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox OCI layout: prebuilt by `make`, or built here."""
+    prebuilt = os.environ.get("BOXLITE_TEST_IMAGE")
+    if prebuilt and (Path(prebuilt) / "index.json").is_file():
+        return Path(prebuilt)
+    out = tmp_path_factory.mktemp("image") / "busybox"
+    subprocess.run([sys.executable, str(REPO / "images" / "busybox_layout.py"), str(out)], check=True)
+    return out
+
+
+def make_runtime(home: Path, **options: object) -> boxlite.Boxlite:
+    return boxlite.Boxlite(boxlite.Options(home_dir=home, **options))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """A runtime home; the test fails if a QEMU process of it survives the test."""
+    path = tmp_path / "home"
+    yield path
+    leftovers = [pid for pid in engine_pids(str(path)) if pid_alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, 9)
+    assert not leftovers, f"QEMU processes left running: {leftovers}"
+
+
+@pytest.fixture
+def runtime(home: Path) -> Iterator[boxlite.Boxlite]:
+    rt = make_runtime(home)
+    yield rt
+    asyncio.run(rt.close())
+
+
+@pytest.fixture(scope="module")
+def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("shared") / "home"
+    yield path
+    leftovers = [pid for pid in engine_pids(str(path)) if pid_alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, 9)
+    assert not leftovers, f"QEMU processes left running: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def shared_runtime(shared_home: Path) -> Iterator[boxlite.Boxlite]:
+    rt = make_runtime(shared_home)
+    yield rt
+    asyncio.run(rt.close())
+
+
+@pytest.fixture(scope="module")
+def shared_box(shared_runtime: boxlite.Boxlite, image_layout: Path) -> Iterator[boxlite.Box]:
+    """One running box for the tests of a module that do not change its lifecycle. The
+    native box is not tied to an event loop, so each test awaits it from its own loop."""
+    box = asyncio.run(shared_runtime.create(boxlite.BoxOptions(rootfs_path=image_layout, cpus=1, memory_mib=256)))
+    yield box
+    asyncio.run(box.stop())
+
+
+async def run(box: boxlite.Box, *argv: str, **kwargs: object) -> boxlite.ExecResult:
+    """Runs argv in the box and waits for it."""
+    execution = await box.exec(argv[0], list(argv[1:]), **kwargs)  # type: ignore[arg-type]
+    return await execution.wait()
