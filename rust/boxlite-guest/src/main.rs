@@ -1,1 +1,94 @@
-fn main() {}
+//! The boxlite guest agent: PID 1 of every box VM.
+//!
+//! Boot: mount the pseudo filesystems, load the listed kernel modules, mount the box disk,
+//! open the `boxlite.agent` virtio-serial port, say `Ready`, then serve the host's requests
+//! (see `boxlite-proto`). Run with the hidden `__boxlite_tar` subcommand it is instead the
+//! chrooted tar helper the agent spawns for copies and layer unpacking.
+
+mod agent;
+mod cmdline;
+mod exec;
+mod log;
+mod metrics;
+mod modules;
+mod mounts;
+mod port;
+mod reaper;
+mod session;
+mod sys;
+mod tarfs;
+mod user;
+mod workers;
+
+use std::path::Path;
+use std::time::Duration;
+
+use boxlite_proto::GUEST_PORT_NAME;
+
+use crate::log::log;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(exec::TAR_SUBCOMMAND) {
+        std::process::exit(tarfs::helper_main(args.get(2..).unwrap_or(&[])));
+    }
+    if std::process::id() != 1 {
+        eprintln!(
+            "boxlite-guest is the init process of a boxlite VM and only runs as PID 1 \
+             (the runtime puts it in the guest's initramfs)"
+        );
+        std::process::exit(2);
+    }
+    std::panic::set_hook(Box::new(|info| log!("panic: {info}")));
+    // A panic escaping boot would end PID 1 and panic the kernel; power off cleanly instead.
+    let _ = std::panic::catch_unwind(boot_and_serve);
+    agent::power_off();
+}
+
+fn boot_and_serve() {
+    mounts::early();
+    log!(
+        "boxlite-guest {} starting (uptime {} ms)",
+        env!("CARGO_PKG_VERSION"),
+        sys::uptime_ms()
+    );
+    let loaded = modules::load_all(Path::new("/etc/boxlite/modules"), Path::new("/lib/modules"));
+    let cfg = cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    for w in &cfg.warnings {
+        log!("{w}");
+    }
+    mounts::loopback_up();
+    let (mounts, root_error) = match mounts::mount_root(&cfg) {
+        Ok(m) => (m, None),
+        Err(e) => {
+            log!("box root: {e}");
+            (Vec::new(), Some(e))
+        }
+    };
+    log!(
+        "{loaded} modules loaded, root {} ({:?} mode), uptime {} ms",
+        if root_error.is_none() {
+            "mounted"
+        } else {
+            "NOT mounted"
+        },
+        cfg.mode,
+        sys::uptime_ms()
+    );
+    let reaper = reaper::Reaper::start();
+    let port = match port::open_port(GUEST_PORT_NAME, Duration::from_secs(10)) {
+        Ok(p) => p,
+        Err(e) => {
+            log!("cannot open the agent port: {e}");
+            return;
+        }
+    };
+    let outbox = match port.try_clone().and_then(port::Outbox::start) {
+        Ok(o) => o,
+        Err(e) => {
+            log!("cannot start the port writer: {e}");
+            return;
+        }
+    };
+    agent::Agent::new(outbox, reaper, root_error, mounts).serve(port)
+}

@@ -1,0 +1,580 @@
+//! Turning an [`ExecRequest`] into a running process: validation, user resolution and a
+//! hand-written clone/exec. `std::process` is not used because it waits for children itself
+//! (racing the reaper, see `reaper.rs`) and cannot chroot before resolving the program.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use boxlite_proto::{ErrorKind, ExecRequest, TtySize};
+
+use crate::mounts::ROOT;
+use crate::reaper::{ExitSink, Reaper};
+use crate::sys;
+use crate::user::{self, Ids, UserError};
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Capacity asked for the stdio pipes of a process.
+const PIPE_SIZE: libc::c_int = 1024 * 1024;
+
+/// The hidden subcommand under which the agent re-executes itself for tar work.
+pub const TAR_SUBCOMMAND: &str = "__boxlite_tar";
+
+/// How the child's descriptors 0, 1, 2 are wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdio {
+    /// A pipe for each `true`, /dev/null for each `false`.
+    Pipes {
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    },
+    /// One pseudo-terminal for all three; it becomes the controlling terminal.
+    Tty(TtySize),
+}
+
+/// Everything the child needs, prepared before it starts (the child must not allocate).
+#[derive(Debug)]
+pub struct Plan {
+    /// Paths to try with `execve`, in order (the PATH search, done inside the box).
+    pub candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub chroot: Option<CString>,
+    pub cwd: CString,
+    pub ids: Option<Ids>,
+    pub stdio: Stdio,
+}
+
+/// A refused request, already in the protocol's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+fn invalid(message: String) -> Refusal {
+    Refusal::new(ErrorKind::InvalidArgument, message)
+}
+
+fn c_arg(what: &str, s: &str) -> Result<CString, Refusal> {
+    CString::new(s).map_err(|_| invalid(format!("{what} contains a NUL byte")))
+}
+
+/// The `execve` paths for `program`: itself when it contains a slash, else one per
+/// `PATH` entry (an empty entry means the working directory), like `execvp`.
+pub fn candidates(program: &str, path_var: &str) -> Vec<String> {
+    if program.contains('/') {
+        return vec![program.to_string()];
+    }
+    path_var
+        .split(':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { "." } else { dir };
+            format!("{}/{program}", dir.trim_end_matches('/'))
+        })
+        .collect()
+}
+
+/// Checks `req` and resolves its user against the box's databases.
+pub fn plan_exec(req: &ExecRequest) -> Result<Plan, Refusal> {
+    if req.program.is_empty() {
+        return Err(invalid("the program is empty".into()));
+    }
+    let mut argv = vec![c_arg("the program", &req.program)?];
+    for a in &req.args {
+        argv.push(c_arg("an argument", a)?);
+    }
+    let mut envp = Vec::with_capacity(req.env.len() + 1);
+    let mut path_var = None;
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(invalid(format!("invalid environment variable name {k:?}")));
+        }
+        if k == "PATH" {
+            path_var = Some(v.as_str());
+        }
+        envp.push(c_arg("an environment value", &format!("{k}={v}"))?);
+    }
+    if path_var.is_none() {
+        envp.push(c_arg("PATH", &format!("PATH={DEFAULT_PATH}"))?);
+    }
+    let candidates = candidates(&req.program, path_var.unwrap_or(DEFAULT_PATH))
+        .iter()
+        .map(|c| c_arg("the program", c))
+        .collect::<Result<_, _>>()?;
+    let cwd = match req.cwd.as_deref() {
+        None | Some("") => "/",
+        Some(c) => c,
+    };
+    let cwd = c_arg("the working directory", cwd)?;
+    let read = |rel: &str| -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Ok(mut f) = sys::open_in_root(Path::new(ROOT), rel) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    };
+    let ids = user::resolve(req.user.as_deref(), &read("etc/passwd"), &read("etc/group")).map_err(
+        |e| match e {
+            UserError::NotFound(m) => Refusal::new(ErrorKind::NotFound, m),
+            UserError::Invalid(m) => invalid(m),
+        },
+    )?;
+    let stdio = match req.tty {
+        Some(size) => Stdio::Tty(size),
+        None => Stdio::Pipes {
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        },
+    };
+    Ok(Plan {
+        candidates,
+        argv,
+        envp,
+        chroot: Some(c_arg("the root", ROOT)?),
+        cwd,
+        ids: Some(ids),
+        stdio,
+    })
+}
+
+/// The agent re-executed as `__boxlite_tar <op> <root> <path>`; it chroots itself.
+pub fn plan_tar(op: &str, path: &str) -> Result<Plan, Refusal> {
+    let exe = c_arg("the agent", "/proc/self/exe")?;
+    let argv = ["boxlite-guest", TAR_SUBCOMMAND, op, ROOT, path]
+        .iter()
+        .map(|a| c_arg("the path", a))
+        .collect::<Result<_, _>>()?;
+    Ok(Plan {
+        candidates: vec![exe],
+        argv,
+        envp: Vec::new(),
+        chroot: None,
+        cwd: c_arg("/", "/")?,
+        ids: None,
+        stdio: Stdio::Pipes {
+            stdin: op != "copy-out",
+            stdout: op == "copy-out",
+            stderr: true,
+        },
+    })
+}
+
+/// A started process and the agent's ends of its stdio.
+#[derive(Debug)]
+pub struct Child {
+    pub pid: libc::pid_t,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    /// The pty master (also behind `stdin`/`stdout`), for resizing.
+    pub tty: Option<OwnedFd>,
+}
+
+/// Where the child was when it failed (sent back over the CLOEXEC error pipe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    Setup = 1,
+    Root = 2,
+    Cwd = 3,
+    User = 4,
+    Exec = 5,
+}
+
+#[derive(Debug)]
+pub enum SpawnError {
+    /// The agent could not even start the child (pipes, pty, clone).
+    Agent(io::Error),
+    /// The child failed before `execve` succeeded.
+    Child { stage: Stage, errno: i32 },
+}
+
+impl SpawnError {
+    /// The protocol error for an exec of `req` that failed like this.
+    pub fn refusal(&self, program: &str, cwd: Option<&str>) -> Refusal {
+        match *self {
+            Self::Agent(ref e) => Refusal::new(ErrorKind::Internal, format!("spawning: {e}")),
+            Self::Child { stage, errno } => {
+                let err = io::Error::from_raw_os_error(errno);
+                match stage {
+                    Stage::Cwd if errno == libc::ENOENT || errno == libc::ENOTDIR => Refusal::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "working directory {:?} does not exist in the box",
+                            cwd.unwrap_or("/")
+                        ),
+                    ),
+                    Stage::Cwd => Refusal::new(
+                        ErrorKind::SpawnFailed,
+                        format!("entering working directory {:?}: {err}", cwd.unwrap_or("/")),
+                    ),
+                    Stage::Exec => {
+                        Refusal::new(ErrorKind::SpawnFailed, format!("{program}: {err}"))
+                    }
+                    Stage::User => {
+                        Refusal::new(ErrorKind::SpawnFailed, format!("switching user: {err}"))
+                    }
+                    Stage::Root => {
+                        Refusal::new(ErrorKind::Io, format!("entering the box root: {err}"))
+                    }
+                    Stage::Setup => Refusal::new(
+                        ErrorKind::SpawnFailed,
+                        format!("setting up the process: {err}"),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn open_pty(size: TtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    // The box's own devpts instance, so the slave is /dev/pts/N inside the box too.
+    let flags = libc::O_RDWR | libc::O_NOCTTY;
+    let master = sys::open(&Path::new(ROOT).join("dev/pts/ptmx"), flags, 0)
+        .or_else(|_| sys::open(Path::new("/dev/ptmx"), flags, 0))?;
+    let m = master.as_raw_fd();
+    let unlock: libc::c_int = 0;
+    // SAFETY: ioctls on our own master with correctly typed arguments.
+    unsafe {
+        sys::cvt(libc::ioctl(m, libc::TIOCSPTLCK, &unlock))?;
+        let ws = libc::winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        sys::cvt(libc::ioctl(m, libc::TIOCSWINSZ, &ws))?;
+        let slave = sys::cvt(libc::ioctl(
+            m,
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        ))?;
+        Ok((master, OwnedFd::from_raw_fd(slave)))
+    }
+}
+
+pub fn set_window_size(master: RawFd, size: TtySize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ with a valid winsize.
+    sys::cvt(unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a fresh descriptor.
+    let new = sys::cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Starts `plan` as a new process; the child is registered with `reaper` (routing its exit status
+/// to `sink`) before anyone can reap it. Returns once `execve` succeeded or the child
+/// reported why it failed.
+pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Child, SpawnError> {
+    let (err_r, err_w) = sys::pipe().map_err(SpawnError::Agent)?;
+    let mut child = Child {
+        pid: 0,
+        stdin: None,
+        stdout: None,
+        stderr: None,
+        tty: None,
+    };
+    // The child's ends, closed in the parent once it started.
+    let mut theirs: Vec<OwnedFd> = Vec::new();
+    let fds: [RawFd; 3];
+    let mut tty = false;
+    match plan.stdio {
+        Stdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            let null =
+                sys::open(Path::new("/dev/null"), libc::O_RDWR, 0).map_err(SpawnError::Agent)?;
+            let null_fd = null.as_raw_fd();
+            theirs.push(null);
+            let mut raw = [null_fd; 3];
+            for (i, wanted) in [stdin, stdout, stderr].into_iter().enumerate() {
+                if !wanted {
+                    continue;
+                }
+                let (r, w) = sys::pipe().map_err(SpawnError::Agent)?;
+                // A bigger pipe lets a fast writer run ahead between the agent's reads
+                // (fewer, fuller frames and context switches). Best effort.
+                // SAFETY: fcntl on a descriptor we own.
+                unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+                let (mine, other) = if i == 0 { (w, r) } else { (r, w) };
+                raw[i] = other.as_raw_fd();
+                theirs.push(other);
+                match i {
+                    0 => child.stdin = Some(mine),
+                    1 => child.stdout = Some(mine),
+                    _ => child.stderr = Some(mine),
+                }
+            }
+            fds = raw;
+        }
+        Stdio::Tty(size) => {
+            let (master, slave) = open_pty(size).map_err(SpawnError::Agent)?;
+            fds = [slave.as_raw_fd(); 3];
+            theirs.push(slave);
+            child.stdin = Some(dup_cloexec(master.as_raw_fd()).map_err(SpawnError::Agent)?);
+            child.stdout = Some(dup_cloexec(master.as_raw_fd()).map_err(SpawnError::Agent)?);
+            child.tty = Some(master);
+            tty = true;
+        }
+    }
+    let argv: Vec<*const libc::c_char> = plan
+        .argv
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = plan
+        .envp
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let groups: Vec<libc::gid_t> = plan
+        .ids
+        .as_ref()
+        .map(|i| i.groups.clone())
+        .unwrap_or_default();
+    let ctx = ChildCtx {
+        plan,
+        fds,
+        tty,
+        argv: &argv,
+        envp: &envp,
+        groups: &groups,
+        err: err_w.as_raw_fd(),
+    };
+
+    // The child runs on its own stack in our address space until it executes (like
+    // posix_spawn): no page tables to copy, no copy-on-write faults afterwards - both
+    // expensive under a software CPU. This thread is suspended meanwhile (CLONE_VFORK).
+    let mut stack = vec![0u8; CHILD_STACK];
+    let top = stack.as_mut_ptr().wrapping_add(CHILD_STACK - 64);
+    let top = (top as usize & !15) as *mut libc::c_void;
+    let mut guard = reaper.lock();
+    // SAFETY: `ctx` and `stack` outlive the child's use of them (the call returns only once
+    // the child has executed or exited); the child performs only async-signal-safe calls
+    // on data prepared here and writes nothing but its own stack (see `child_main`).
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &ctx as *const ChildCtx<'_> as *mut libc::c_void,
+        )
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(SpawnError::Agent(io::Error::last_os_error()));
+    }
+    guard.register(pid, sink);
+    drop(guard);
+    child.pid = pid;
+    drop(theirs);
+    drop(err_w);
+
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::read(err_r.as_raw_fd(), &mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    if got == 0 {
+        return Ok(child);
+    }
+    let stage = match u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) {
+        2 => Stage::Root,
+        3 => Stage::Cwd,
+        4 => Stage::User,
+        5 => Stage::Exec,
+        _ => Stage::Setup,
+    };
+    let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    Err(SpawnError::Child { stage, errno })
+}
+
+struct ChildCtx<'a> {
+    plan: &'a Plan,
+    fds: [RawFd; 3],
+    tty: bool,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    groups: &'a [libc::gid_t],
+    err: RawFd,
+}
+
+/// Stack of the cloned child until it executes.
+const CHILD_STACK: usize = 128 * 1024;
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildCtx` that `spawn` keeps alive while we run.
+    unsafe { child_main(&*(arg as *const ChildCtx<'_>)) }
+}
+
+/// Reports `(stage, errno)` on the error pipe and exits.
+///
+/// # Safety
+/// Only to be called in the cloned child.
+unsafe fn fail(err: RawFd, stage: Stage) -> ! {
+    // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 8];
+        buf[..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+        buf[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(err, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+/// The cloned child: only async-signal-safe calls, no allocation, no return. It shares the
+/// agent's memory until `execve`, so it must not write anything but its own stack (and
+/// errno, which belongs to the suspended parent thread).
+///
+/// # Safety
+/// Only to be called in the cloned child.
+unsafe fn child_main(c: &ChildCtx<'_>) -> ! {
+    // SAFETY: every call below is async-signal-safe and uses data prepared before clone.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // Rust ignores SIGPIPE; a child must not inherit that.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::setsid() < 0 {
+            fail(c.err, Stage::Setup);
+        }
+        for (target, &src) in c.fds.iter().enumerate() {
+            let target = target as libc::c_int;
+            if src == target {
+                libc::fcntl(src, libc::F_SETFD, 0);
+            } else if libc::dup2(src, target) < 0 {
+                fail(c.err, Stage::Setup);
+            }
+        }
+        if c.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            fail(c.err, Stage::Setup);
+        }
+        // Whatever descriptor some other thread opened without O_CLOEXEC stays out.
+        libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        );
+        if let Some(root) = &c.plan.chroot {
+            if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {
+                fail(c.err, Stage::Root);
+            }
+        }
+        if libc::chdir(c.plan.cwd.as_ptr()) < 0 {
+            fail(c.err, Stage::Cwd);
+        }
+        if let Some(ids) = &c.plan.ids {
+            // Raw syscalls: glibc's wrappers would try to broadcast the change to the
+            // agent's threads, which its memory (shared until execve) says we have.
+            if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) < 0
+                || libc::syscall(libc::SYS_setgid, ids.gid) < 0
+                || libc::syscall(libc::SYS_setuid, ids.uid) < 0
+            {
+                fail(c.err, Stage::User);
+            }
+        }
+        let mut eacces = false;
+        for cand in &c.plan.candidates {
+            libc::execve(cand.as_ptr(), c.argv.as_ptr(), c.envp.as_ptr());
+            match *libc::__errno_location() {
+                libc::EACCES => eacces = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                _ => fail(c.err, Stage::Exec),
+            }
+        }
+        if eacces {
+            *libc::__errno_location() = libc::EACCES;
+        }
+        fail(c.err, Stage::Exec)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_search_candidates() {
+        assert_eq!(candidates("./x", "/bin"), vec!["./x"]);
+        assert_eq!(candidates("/bin/sh", "/usr/bin"), vec!["/bin/sh"]);
+        assert_eq!(
+            candidates("ls", "/usr/bin/:/bin::"),
+            vec!["/usr/bin/ls", "/bin/ls", "./ls", "./ls"]
+        );
+    }
+
+    #[test]
+    fn validation() {
+        let check = |req: ExecRequest| plan_exec(&req).err().map(|r| r.kind);
+        assert_eq!(
+            check(ExecRequest::new("", Vec::<String>::new())),
+            Some(ErrorKind::InvalidArgument)
+        );
+        let mut r = ExecRequest::new("sh", ["-c", "true"]);
+        r.env = vec![("A=B".into(), "x".into())];
+        assert_eq!(check(r.clone()), Some(ErrorKind::InvalidArgument));
+        r.env = vec![("".into(), "x".into())];
+        assert_eq!(check(r.clone()), Some(ErrorKind::InvalidArgument));
+        r.env = vec![("A\0".into(), "x".into())];
+        assert_eq!(check(r.clone()), Some(ErrorKind::InvalidArgument));
+        r.env = vec![("A".into(), "x\0".into())];
+        assert_eq!(check(r.clone()), Some(ErrorKind::InvalidArgument));
+        r.env = vec![];
+        r.args = vec!["a\0b".into()];
+        assert_eq!(check(r.clone()), Some(ErrorKind::InvalidArgument));
+    }
+
+    #[test]
+    fn plan_adds_default_path_only_when_missing() {
+        // No /rootfs on the build host: the user database is empty, root still resolves.
+        let mut r = ExecRequest::new("ls", ["-l"]);
+        let p = plan_exec(&r).unwrap();
+        assert!(p
+            .envp
+            .iter()
+            .any(|e| e.to_bytes() == format!("PATH={DEFAULT_PATH}").as_bytes()));
+        assert_eq!(p.candidates.len(), DEFAULT_PATH.split(':').count());
+        r.env = vec![("PATH".into(), "/opt".into())];
+        let p = plan_exec(&r).unwrap();
+        assert_eq!(p.envp.len(), 1);
+        assert_eq!(p.candidates[0].to_bytes(), b"/opt/ls");
+        assert_eq!(p.argv.len(), 2);
+        assert_eq!(p.cwd.to_bytes(), b"/");
+    }
+}
