@@ -22,6 +22,10 @@ demo: develop guest image
 
 test: develop guest image lint rust-test stubtest py-test
 
+# The benchmark suite (no pass/fail); FIGURE=name[,name] runs only those. See docs/benchmarks.md.
+bench: develop guest image
+	$(PY) bench/run.py $(if $(FIGURE),--only $(FIGURE))
+
 $(STAMPS)/system:
 	scripts/install-system-deps.sh
 	@mkdir -p $(STAMPS) && touch $@
@@ -32,8 +36,11 @@ $(STAMPS)/venv: $(STAMPS)/system
 	$(PY) -m pip install -q $(foreach d,$(PY_DEPS),'$(d)')
 	@touch $@
 
-# The extension module, installed into the venv (editable: python/ is imported directly).
+# The extension module, installed into the venv (editable: python/ is imported directly),
+# and the per-box supervisor binary it starts, shipped inside the package.
 $(STAMPS)/develop: $(STAMPS)/venv $(RUST_SOURCES) pyproject.toml
+	cargo build --release -q -p boxlite --bin boxlite-shim
+	mkdir -p python/boxlite/bin && cp target/release/boxlite-shim python/boxlite/bin/
 	source $(VENV)/bin/activate && maturin develop --release -q
 	@touch $@
 
@@ -75,4 +82,4 @@ py-test: develop guest image
 	BOXLITE_TEST_IMAGE=$(abspath $(DEMO_IMAGE)) $(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(BUILD) $(PKG_GUEST) target
+	rm -rf $(BUILD) $(PKG_GUEST) python/boxlite/bin target

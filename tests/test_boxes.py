@@ -16,10 +16,10 @@ from layouts import entry, tar_of, with_config, with_layer
 async def test_create_exec_stop_leaves_nothing_running(runtime: boxlite.Boxlite, image_layout: Path) -> None:
     box = await runtime.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256))
     info = box.info()
-    assert info["status"] == "running"
-    assert info["accelerator"] in {"kvm", "hvf", "tcg"}
-    assert info["hardware_isolated"] == (info["accelerator"] != "tcg")
-    pid = info["pid"]
+    assert info.status == "running"
+    assert info.accelerator in {"kvm", "hvf", "tcg"}
+    assert info.hardware_isolated == (info.accelerator != "tcg")
+    pid = info.pid
     assert pid_alive(pid)
     assert (await run(box, "echo", "hi")).stdout == "hi\n"
 
@@ -40,9 +40,9 @@ async def test_create_exec_stop_leaves_nothing_running(runtime: boxlite.Boxlite,
     rt_metrics = runtime.metrics()
     assert (rt_metrics.boxes_created_total, rt_metrics.num_running_boxes) == (1, 1)
     await box.stop()
-    assert box.info()["status"] == "stopped"
+    assert box.info().status == "stopped"
     assert not pid_alive(pid)
-    assert not list(Path(box.info()["dir"]).glob("*.sock"))
+    assert not list(box.dir.glob("*.sock"))
     assert runtime.metrics().num_running_boxes == 0
     with pytest.raises(boxlite.InvalidStateError, match="stopped"):
         await box.exec("true")
@@ -96,7 +96,7 @@ async def test_forced_tcg_is_honoured(home: Path, image_layout: Path, monkeypatc
     monkeypatch.setenv("BOXLITE_ACCEL", "tcg")
     rt = make_runtime(home)
     box = await rt.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256))
-    assert box.info()["accelerator"] == "tcg"
+    assert box.info().accelerator == "tcg"
     await box.stop()
 
 
@@ -130,7 +130,7 @@ async def test_forced_kvm_boots_or_fails_cleanly_never_hangs(
         assert rt.metrics().boxes_failed_total == 1
     else:
         assert not slow_kvm, "a paravirtual KVM booted a guest within the timeout"
-        assert box.info()["accelerator"] == "kvm"
+        assert box.info().accelerator == "kvm"
         await box.stop()
     assert [p for p in engine_pids(str(home)) if pid_alive(p)] == []
 
@@ -197,7 +197,7 @@ import asyncio, boxlite, os
 async def main():
     rt = boxlite.Boxlite(boxlite.Options(home_dir={str(home)!r}))
     box = await rt.create(boxlite.BoxOptions(rootfs_path={str(image_layout)!r}, memory_mib=256))
-    print(box.info()["pid"], flush=True)
+    print(box.info().pid, flush=True)
     os._exit(0)
 asyncio.run(main())
 """

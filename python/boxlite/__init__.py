@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import _native
 from ._native import BoxMetrics, RuntimeMetrics
-from ._runtime import Box, Boxlite, BoxOptions, ExecResult, ExecStdin, Execution, Options
+from ._runtime import Box, BoxInfo, Boxlite, BoxOptions, BoxState, ExecResult, ExecStdin, Execution, Options
 from .errors import (
     BootTimeoutError,
     BoxliteError,
@@ -50,6 +50,8 @@ __all__ = [
     "Options",
     "BoxOptions",
     "Box",
+    "BoxInfo",
+    "BoxState",
     "Execution",
     "SimpleBox",
     "CodeBox",

@@ -6,6 +6,7 @@ import codecs
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,8 @@ EnvLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 #: The guest bundle shipped inside the installed package, if the wheel carries one.
 PACKAGE_GUEST_DIR = Path(__file__).parent / "guest"
+#: The per-box supervisor binary shipped inside the installed package.
+PACKAGE_SHIM = Path(__file__).parent / "bin" / "boxlite-shim"
 
 
 def _env_pairs(field_name: str, env: EnvLike) -> list[tuple[str, str]]:
@@ -73,6 +76,9 @@ class BoxOptions:
     working_dir: str | None = None
     env: EnvLike = field(default_factory=list)
     user: str | None = None
+    disk_size_gb: float | None = None
+    auto_remove: bool = False
+    detach: bool = False
 
     def __post_init__(self) -> None:
         if self.image is None and self.rootfs_path is None:
@@ -85,7 +91,71 @@ class BoxOptions:
             raise InvalidArgumentError(
                 f"invalid argument `working_dir`: {self.working_dir!r} must be an absolute path inside the box"
             )
+        if self.disk_size_gb is not None and (
+            isinstance(self.disk_size_gb, bool)
+            or not isinstance(self.disk_size_gb, int | float)
+            or self.disk_size_gb <= 0
+        ):
+            raise InvalidArgumentError(
+                f"invalid argument `disk_size_gb`: expected a positive number, got {self.disk_size_gb!r}"
+            )
         object.__setattr__(self, "env", _env_pairs("env", self.env))
+
+
+@dataclass(frozen=True)
+class BoxState:
+    """Where a box is in its life: ``status`` is one of configured, starting, running,
+    stopping, stopped, failed."""
+
+    status: str
+    running: bool
+    pid: int | None = None
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class BoxInfo:
+    """What a box is. ``pid`` is its VM engine process while it runs."""
+
+    id: str
+    name: str | None
+    state: BoxState
+    image: str
+    cpus: int
+    memory_mib: int
+    created_at: datetime
+    started_at: datetime | None
+    pid: int | None
+    accelerator: str
+    hardware_isolated: bool
+    detach: bool
+    auto_remove: bool
+
+    @property
+    def status(self) -> str:
+        return self.state.status
+
+    @classmethod
+    def _from_native(cls, raw: dict[str, Any]) -> BoxInfo:
+        def when(ts: float | None) -> datetime | None:
+            return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+        status = raw["status"]
+        return cls(
+            id=raw["id"],
+            name=raw["name"],
+            state=BoxState(status=status, running=status == "running", pid=raw["pid"]),
+            image=raw["image"],
+            cpus=raw["cpus"],
+            memory_mib=raw["memory_mib"],
+            created_at=when(raw["created_at"]) or datetime.now(tz=timezone.utc),
+            started_at=when(raw["started_at"]),
+            pid=raw["pid"],
+            accelerator=raw["accelerator"],
+            hardware_isolated=raw["hardware_isolated"],
+            detach=raw["detach"],
+            auto_remove=raw["auto_remove"],
+        )
 
 
 class ExecResult:
@@ -243,8 +313,13 @@ class Box:
     def name(self) -> str | None:
         return self._native.name
 
-    def info(self) -> dict[str, Any]:
-        return self._native.info()
+    def info(self) -> BoxInfo:
+        return BoxInfo._from_native(self._native.info())
+
+    @property
+    def dir(self) -> Path:
+        """The box directory on the host (its disk, console log, supervisor log)."""
+        return Path(self._native.info()["dir"])
 
     async def exec(
         self,
@@ -300,8 +375,7 @@ class Box:
         await self.stop()
 
     def __repr__(self) -> str:
-        info = self.info()
-        return f"Box(id={self.id!r}, name={self.name!r}, status={info['status']!r})"
+        return f"Box(id={self.id!r}, name={self.name!r}, status={self.info().status!r})"
 
 
 def _terminal_size() -> tuple[int, int]:
@@ -315,9 +389,11 @@ class Boxlite:
     def __init__(self, options: Options | None = None) -> None:
         options = options or Options()
         guest_dir = PACKAGE_GUEST_DIR if PACKAGE_GUEST_DIR.is_dir() else None
+        shim = PACKAGE_SHIM if PACKAGE_SHIM.is_file() else None
         self._native = _native.Runtime(
             home_dir=os.fspath(options.home_dir) if options.home_dir is not None else None,
             guest_dir=guest_dir,
+            shim_path=shim,
             boot_timeout_secs=options.boot_timeout,
             stop_timeout_secs=options.stop_timeout,
         )
@@ -343,12 +419,27 @@ class Boxlite:
             working_dir=options.working_dir,
             env=list(options.env or []),  # type: ignore[arg-type]
             user=options.user,
+            disk_size_gb=options.disk_size_gb,
+            auto_remove=options.auto_remove,
+            detach=options.detach,
         )
         return Box(native)
 
-    def get(self, id_or_name: str) -> Box:
-        """A box of this runtime by id or name; ``BoxNotFoundError`` otherwise."""
+    async def get(self, id_or_name: str) -> Box:
+        """A box by id or name, also one created by another process with the same home
+        (a running one is reattached); ``BoxNotFoundError`` otherwise."""
         return Box(self._native.get(id_or_name))
+
+    async def get_info(self, id_or_name: str) -> BoxInfo:
+        return BoxInfo._from_native(self._native.get(id_or_name).info())
+
+    async def list_info(self) -> list[BoxInfo]:
+        """Every box of this home, oldest first."""
+        return [BoxInfo._from_native(raw) for raw in self._native.list_info()]
+
+    async def remove(self, id_or_name: str, force: bool = False) -> None:
+        """Deletes a box (disk and record); a running box needs ``force=True``."""
+        await self._native.remove(id_or_name, force)
 
     def metrics(self) -> _native.RuntimeMetrics:
         return self._native.metrics()

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._native import BoxMetrics, RuntimeMetrics
-from ._runtime import Box, Boxlite, BoxOptions, EnvLike, ExecResult, Execution, Options, PathLike
+from ._runtime import Box, BoxInfo, Boxlite, BoxOptions, EnvLike, ExecResult, Execution, Options, PathLike
 from .errors import InvalidStateError
 from .simplebox import CodeBox, SimpleBox
 
@@ -108,7 +108,7 @@ class SyncBox:
     def name(self) -> str | None:
         return self._box.name
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> BoxInfo:
         return self._box.info()
 
     def exec(
@@ -160,7 +160,16 @@ class SyncBoxlite:
         return SyncBox(_run(self._runtime.create(options)))
 
     def get(self, id_or_name: str) -> SyncBox:
-        return SyncBox(self._runtime.get(id_or_name))
+        return SyncBox(_run(self._runtime.get(id_or_name)))
+
+    def get_info(self, id_or_name: str) -> BoxInfo:
+        return _run(self._runtime.get_info(id_or_name))
+
+    def list_info(self) -> list[BoxInfo]:
+        return _run(self._runtime.list_info())
+
+    def remove(self, id_or_name: str, force: bool = False) -> None:
+        _run(self._runtime.remove(id_or_name, force))
 
     def metrics(self) -> RuntimeMetrics:
         return self._runtime.metrics()

@@ -1,6 +1,7 @@
 //! The guest's own pseudo filesystems, the box disk and the mounts inside it.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -181,6 +182,9 @@ pub fn mount_root(cfg: &BootConfig) -> Result<Vec<PathBuf>, String> {
     if cfg.mode == Mode::Unpack {
         return Ok(mounted);
     }
+    if let Err(e) = grow_root(dev, root) {
+        log!("growing the root filesystem: {e}");
+    }
     let nosuid = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
     let table: [(&str, &str, &str, libc::c_ulong, Option<&str>); 5] = [
         ("proc", "proc", "proc", nosuid, None),
@@ -230,6 +234,38 @@ pub fn mount_root(cfg: &BootConfig) -> Result<Vec<PathBuf>, String> {
         log!("box mount {e}");
     }
     Ok(mounted)
+}
+
+/// Grows the mounted ext4 root to fill its disk: a box's overlay may be larger than the
+/// image's base disk (`disk_size`). Online, like `resize2fs` does it.
+fn grow_root(dev: &str, root: &Path) -> io::Result<()> {
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    let device = std::fs::File::open(dev)?;
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    if unsafe { libc::ioctl(device.as_raw_fd(), BLKGETSIZE64, &mut bytes) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let c = sys::cpath(root)?;
+    // SAFETY: statvfs fills the struct we pass.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let block = st.f_frsize.max(1) as u64;
+    let target = bytes / block;
+    // f_blocks leaves out the filesystem's own overhead; only grow when it is clearly short.
+    if target <= st.f_blocks as u64 + target / 50 {
+        return Ok(());
+    }
+    let dir = std::fs::File::open(root)?;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 (the new block count) through the pointer.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &target) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    log!("root filesystem grown to {} MiB", bytes >> 20);
+    Ok(())
 }
 
 /// Unmounts `mounts` in reverse order, lazily when busy. Before the root goes, it is

@@ -35,10 +35,12 @@ pub struct Runtime(boxlite::BoxliteRuntime);
 #[pymethods]
 impl Runtime {
     #[new]
-    #[pyo3(signature = (home_dir=None, guest_dir=None, boot_timeout_secs=None, stop_timeout_secs=None))]
+    #[pyo3(signature = (home_dir=None, guest_dir=None, shim_path=None, boot_timeout_secs=None, stop_timeout_secs=None))]
     fn new(
+        py: Python<'_>,
         home_dir: Option<PathBuf>,
         guest_dir: Option<PathBuf>,
+        shim_path: Option<PathBuf>,
         boot_timeout_secs: Option<f64>,
         stop_timeout_secs: Option<f64>,
     ) -> PyResult<Self> {
@@ -47,13 +49,18 @@ impl Runtime {
             options.home_dir = home;
         }
         options.guest_dir = guest_dir;
+        options.shim_path = shim_path;
         if let Some(t) = seconds("boot_timeout", boot_timeout_secs)? {
             options.boot_timeout = t;
         }
         if let Some(t) = seconds("stop_timeout", stop_timeout_secs)? {
             options.stop_timeout = t;
         }
-        Ok(Self(boxlite::BoxliteRuntime::new(options).py()?))
+        // Opening the home may wait on another process's database lock.
+        Ok(Self(
+            py.allow_threads(|| boxlite::BoxliteRuntime::new(options))
+                .py()?,
+        ))
     }
 
     #[getter]
@@ -70,7 +77,7 @@ impl Runtime {
         Ok(self.0.guest_bundle().py()?.dir)
     }
 
-    #[pyo3(signature = (*, rootfs_path=None, image=None, name=None, cpus=1, memory_mib=512, working_dir=None, env=Vec::new(), user=None))]
+    #[pyo3(signature = (*, rootfs_path=None, image=None, name=None, cpus=1, memory_mib=512, working_dir=None, env=Vec::new(), user=None, disk_size_gb=None, auto_remove=false, detach=false))]
     #[allow(clippy::too_many_arguments)]
     fn create<'py>(
         &self,
@@ -83,7 +90,23 @@ impl Runtime {
         working_dir: Option<String>,
         env: Vec<(String, String)>,
         user: Option<String>,
+        disk_size_gb: Option<f64>,
+        auto_remove: bool,
+        detach: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let disk_size = disk_size_gb
+            .map(|gb| {
+                if gb.is_finite() && gb > 0.0 {
+                    Ok(boxlite::Bytes::from_mib((gb * 1024.0).round() as u64))
+                } else {
+                    Err(boxlite::BoxliteError::invalid(
+                        "disk_size_gb",
+                        format!("{gb} is not a positive size"),
+                    ))
+                }
+            })
+            .transpose()
+            .py()?;
         let options = boxlite::BoxOptions {
             rootfs_path,
             image,
@@ -93,6 +116,9 @@ impl Runtime {
             working_dir,
             env,
             user,
+            disk_size,
+            auto_remove,
+            detach,
         };
         let runtime = self.0.clone();
         future_into_py(py, async move {
@@ -100,8 +126,27 @@ impl Runtime {
         })
     }
 
-    fn get(&self, id_or_name: &str) -> PyResult<NativeBox> {
-        Ok(NativeBox(self.0.get(id_or_name).py()?))
+    fn get(&self, py: Python<'_>, id_or_name: &str) -> PyResult<NativeBox> {
+        Ok(NativeBox(py.allow_threads(|| self.0.get(id_or_name)).py()?))
+    }
+
+    fn list_info<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let infos = py.allow_threads(|| self.0.list_info()).py()?;
+        infos.into_iter().map(|info| info_dict(py, info)).collect()
+    }
+
+    #[pyo3(signature = (id_or_name, force=false))]
+    fn remove<'py>(
+        &self,
+        py: Python<'py>,
+        id_or_name: String,
+        force: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let runtime = self.0.clone();
+        future_into_py(
+            py,
+            async move { runtime.remove(&id_or_name, force).await.py() },
+        )
     }
 
     fn boxes(&self) -> Vec<NativeBox> {
@@ -120,6 +165,25 @@ fn epoch_seconds(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
+fn info_dict(py: Python<'_>, info: boxlite::BoxInfo) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("id", info.id.to_string())?;
+    dict.set_item("name", info.name)?;
+    dict.set_item("status", info.status.as_str())?;
+    dict.set_item("image", info.image)?;
+    dict.set_item("cpus", info.cpus)?;
+    dict.set_item("memory_mib", info.memory_mib)?;
+    dict.set_item("created_at", epoch_seconds(info.created_at))?;
+    dict.set_item("started_at", info.started_at.map(epoch_seconds))?;
+    dict.set_item("pid", info.pid)?;
+    dict.set_item("shim_pid", info.shim_pid)?;
+    dict.set_item("detach", info.detach)?;
+    dict.set_item("auto_remove", info.auto_remove)?;
+    dict.set_item("accelerator", info.accel.to_string())?;
+    dict.set_item("hardware_isolated", info.hardware_isolated)?;
+    Ok(dict)
+}
+
 #[pymethods]
 impl NativeBox {
     #[getter]
@@ -134,19 +198,7 @@ impl NativeBox {
 
     /// The box's description as a dict (the Python layer wraps it).
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let info = self.0.info();
-        let dict = PyDict::new(py);
-        dict.set_item("id", info.id.to_string())?;
-        dict.set_item("name", info.name)?;
-        dict.set_item("status", info.status.as_str())?;
-        dict.set_item("image", info.image)?;
-        dict.set_item("cpus", info.cpus)?;
-        dict.set_item("memory_mib", info.memory_mib)?;
-        dict.set_item("created_at", epoch_seconds(info.created_at))?;
-        dict.set_item("started_at", info.started_at.map(epoch_seconds))?;
-        dict.set_item("pid", info.pid)?;
-        dict.set_item("accelerator", info.accel.to_string())?;
-        dict.set_item("hardware_isolated", info.hardware_isolated)?;
+        let dict = info_dict(py, py.allow_threads(|| self.0.info()))?;
         dict.set_item("dir", self.0.dir().to_path_buf())?;
         Ok(dict)
     }

@@ -26,6 +26,9 @@ mod metrics;
 mod options;
 mod process;
 mod runtime;
+#[doc(hidden)]
+pub mod shim;
+mod state;
 mod units;
 mod vm;
 pub mod vmm;

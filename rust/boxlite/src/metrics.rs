@@ -87,6 +87,10 @@ pub struct BoxMetrics {
     pub network_bytes_received: Option<u64>,
     pub network_tcp_connections: Option<u64>,
     pub network_tcp_errors: Option<u64>,
+    /// Bytes used on the box's root filesystem, as the guest sees it.
+    pub disk_bytes_used: Option<u64>,
+    /// Size of the box's root filesystem.
+    pub disk_bytes_total: Option<u64>,
     /// Stage 1: the box directory and its files.
     pub stage_filesystem_setup_ms: Option<u128>,
     /// Stage 2: the image pulled or found in the cache.

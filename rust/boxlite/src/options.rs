@@ -19,6 +19,11 @@ pub struct BoxliteOptions {
     /// The guest bundle shipped with the installed package, searched after
     /// `$BOXLITE_GUEST_DIR` and before `<home>/guest`.
     pub guest_dir: Option<PathBuf>,
+    /// The `boxlite-shim` binary shipped with the installed package.
+    pub shim_path: Option<PathBuf>,
+    /// Boxes booting at once; more wait their turn (a burst queues instead of thrashing).
+    /// Default: the number of host CPUs.
+    pub max_concurrent_boots: usize,
 }
 
 impl BoxliteOptions {
@@ -37,6 +42,10 @@ impl Default for BoxliteOptions {
             boot_timeout: Seconds::from_secs(60),
             stop_timeout: Seconds::from_secs(10),
             guest_dir: None,
+            shim_path: None,
+            max_concurrent_boots: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         }
     }
 }
@@ -69,6 +78,13 @@ pub struct BoxOptions {
     pub env: Vec<(String, String)>,
     /// Default user of commands (else the image's).
     pub user: Option<String>,
+    /// The box's disk size; never smaller than the image (the guest filesystem grows to it).
+    pub disk_size: Option<Bytes>,
+    /// Remove the box (disk and record) when it stops.
+    pub auto_remove: bool,
+    /// Keep the VM running after the creating process exits; any process with the same
+    /// home can `get` it later.
+    pub detach: bool,
 }
 
 impl Default for BoxOptions {
@@ -82,6 +98,9 @@ impl Default for BoxOptions {
             working_dir: None,
             env: Vec::new(),
             user: None,
+            disk_size: None,
+            auto_remove: false,
+            detach: false,
         }
     }
 }
@@ -139,6 +158,14 @@ impl BoxOptions {
         validate_env("env", &self.env)?;
         if let Some(name) = &self.name {
             validate_name(name)?;
+        }
+        if let Some(size) = self.disk_size {
+            if size < Bytes::from_mib(256) {
+                return Err(BoxliteError::invalid(
+                    "disk_size",
+                    format!("{size} is below the minimum of 256 MiB"),
+                ));
+            }
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 
@@ -35,30 +35,50 @@ fn spawner() -> &'static Mutex<mpsc::Sender<(Command, SpawnReply)>> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitDescription(pub String);
 
-/// A child process that is killed when this process dies, and reaped by a waiter thread.
+/// How to start a [`GuardedChild`].
+#[derive(Debug, Clone)]
+pub struct ChildOptions {
+    /// Where its output goes, bounded to the newest `log_limit` bytes (in two halves).
+    pub log_path: PathBuf,
+    pub log_limit: u64,
+    /// Killed when this process (more exactly, the spawner thread) dies, and on drop.
+    /// Detached children outlive us instead.
+    pub die_with_parent: bool,
+    /// Hand stdout to the caller instead of the log (a status line protocol).
+    pub capture_stdout: bool,
+}
+
+/// A child process, reaped by a waiter thread; unless detached, it is killed when this
+/// process dies or when the handle is dropped.
 #[derive(Debug)]
 pub struct GuardedChild {
     pid: u32,
     exit: watch::Receiver<Option<ExitDescription>>,
+    kill_on_drop: bool,
 }
 
 impl GuardedChild {
-    /// Spawns `command` with stdin from /dev/null, its stdout and stderr copied into a
-    /// bounded log at `log_path` (the newest `log_limit` bytes survive, in two halves).
-    pub fn spawn(mut command: Command, log_path: &Path, log_limit: u64) -> BoxliteResult<Self> {
+    /// Spawns `command` (stdin from /dev/null) in a new session.
+    pub fn spawn(
+        mut command: Command,
+        options: &ChildOptions,
+    ) -> BoxliteResult<(Self, Option<ChildStdout>)> {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let die_with_parent = options.die_with_parent;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may already be gone (the signal was armed too late): do not run.
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("parent exited"));
+            command.pre_exec(move || {
+                if die_with_parent {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may already be gone (the signal was armed too late).
+                    if libc::getppid() == 1 {
+                        return Err(std::io::Error::other("parent exited"));
+                    }
                 }
                 libc::setsid();
                 Ok(())
@@ -76,18 +96,23 @@ impl GuardedChild {
             .map_err(|_| BoxliteError::Internal("spawner thread dropped the request".into()))?
             .map_err(|e| BoxliteError::io(format!("starting {program}"), e))?;
 
-        let log = BoundedLog::new(log_path.to_path_buf(), log_limit);
+        let log = std::sync::Arc::new(Mutex::new(BoundedLog::new(
+            options.log_path.clone(),
+            options.log_limit,
+        )));
+        let stdout = child.stdout.take();
+        let (captured, logged_stdout) = if options.capture_stdout {
+            (stdout, None)
+        } else {
+            (None, stdout)
+        };
         let outputs = [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            logged_stdout.map(|s| Box::new(s) as Box<dyn Read + Send>),
             child
                 .stderr
                 .take()
                 .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ];
-        let log = std::sync::Arc::new(Mutex::new(log));
         for output in outputs.into_iter().flatten() {
             let log = log.clone();
             std::thread::Builder::new()
@@ -108,7 +133,14 @@ impl GuardedChild {
                 let _ = exit_tx.send(Some(description));
             })
             .map_err(|e| BoxliteError::io("starting a waiter thread", e))?;
-        Ok(Self { pid, exit: exit_rx })
+        Ok((
+            Self {
+                pid,
+                exit: exit_rx,
+                kill_on_drop: die_with_parent,
+            },
+            captured,
+        ))
     }
 
     pub fn pid(&self) -> u32 {
@@ -155,7 +187,9 @@ impl GuardedChild {
 
 impl Drop for GuardedChild {
     fn drop(&mut self) {
-        self.kill();
+        if self.kill_on_drop {
+            self.kill();
+        }
     }
 }
 
@@ -245,12 +279,21 @@ mod tests {
         assert!(size(&path) <= 500);
     }
 
+    fn options(dir: &Path) -> ChildOptions {
+        ChildOptions {
+            log_path: dir.join("log"),
+            log_limit: 4096,
+            die_with_parent: true,
+            capture_stdout: false,
+        }
+    }
+
     #[tokio::test]
     async fn children_are_reaped_and_killable() {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo started; exec sleep 30"]);
-        let child = GuardedChild::spawn(cmd, &dir.path().join("log"), 4096).unwrap();
+        let (child, _) = GuardedChild::spawn(cmd, &options(dir.path())).unwrap();
         assert!(!child.has_exited());
         let exit = child.kill_and_wait().await;
         assert!(exit.0.contains("signal: 9"), "{exit:?}");
@@ -262,12 +305,8 @@ mod tests {
     #[test]
     fn a_missing_program_is_an_io_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = GuardedChild::spawn(
-            Command::new("/nonexistent/qemu"),
-            &dir.path().join("log"),
-            10,
-        )
-        .unwrap_err();
+        let err = GuardedChild::spawn(Command::new("/nonexistent/qemu"), &options(dir.path()))
+            .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/qemu"), "{err}");
     }
 }

@@ -1,39 +1,104 @@
-//! The runtime: a home directory, the boxes made from it, shared counters.
+//! The runtime: a home directory, the boxes recorded in it, shared counters.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
-use crate::disks::{create_overlay, BaseDiskStore};
+use crate::disks::{create_overlay, lock_exclusive, BaseDiskStore};
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
 use crate::ids::BoxID;
 use crate::images::OciLayout;
-use crate::litebox::LiteBox;
+use crate::litebox::{BoxInfo, BoxInner, BoxStatus, LiteBox};
 use crate::metrics::{RuntimeMetrics, StageTimings};
 use crate::options::{BoxOptions, BoxliteOptions};
+use crate::state::{now_ms, BoxRecord, StateStore};
 use crate::vm::VmEnv;
-use crate::vmm::{accel, qemu::QemuEngine, AccelChoice, GuestBundle};
+use crate::vmm::{accel, qemu::QemuEngine, Accel, AccelChoice, GuestBundle};
 
-/// The entry point: makes boxes. Clones share one runtime.
+/// The entry point: makes boxes and finds them again. Clones share one runtime; several
+/// runtimes (in one process or many) may share a home directory.
 #[derive(Debug, Clone)]
 pub struct BoxliteRuntime {
-    inner: Arc<RuntimeInner>,
+    shared: Arc<RuntimeShared>,
 }
 
+/// What every box of a runtime shares.
 #[derive(Debug)]
-struct RuntimeInner {
-    options: BoxliteOptions,
-    metrics: RuntimeMetrics,
+pub(crate) struct RuntimeShared {
+    pub options: BoxliteOptions,
+    pub metrics: RuntimeMetrics,
+    pub store: StateStore,
     vm_env: OnceCell<VmEnv>,
     disks: BaseDiskStore,
-    boxes: Mutex<Vec<LiteBox>>,
+    boot_slots: Semaphore,
+    /// Boxes with a live handle in this process, so `get` returns the same box.
+    live: Mutex<HashMap<BoxID, Weak<BoxInner>>>,
+}
+
+impl RuntimeShared {
+    /// The VM environment, looked up at the first boot: engine, bundle, shim, accelerator.
+    pub async fn vm_env(&self) -> BoxliteResult<VmEnv> {
+        self.vm_env
+            .get_or_try_init(|| async {
+                let engine = QemuEngine::locate()?;
+                let bundle =
+                    GuestBundle::locate(self.options.guest_dir.as_deref(), &self.options.home_dir)?;
+                let shim = crate::shim::locate_shim(self.options.shim_path.as_deref())?;
+                let choice = accel::choose()?;
+                Ok::<_, BoxliteError>(VmEnv {
+                    qemu: engine.binary().to_path_buf(),
+                    engine: Arc::new(engine),
+                    bundle,
+                    shim,
+                    accel: choice.accel,
+                    boot_timeout: self.options.boot_timeout,
+                    stop_timeout: self.options.stop_timeout,
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    /// The accelerator boxes of this runtime use (TCG if it cannot be determined).
+    pub fn accel(&self) -> Accel {
+        self.vm_env
+            .get()
+            .map(|e| e.accel)
+            .or_else(|| accel::choose().ok().map(|c| c.accel))
+            .unwrap_or(Accel::Tcg)
+    }
+
+    /// Waits for one of the concurrent-boot slots.
+    pub async fn boot_slot(&self) -> BoxliteResult<SemaphorePermit<'_>> {
+        self.boot_slots
+            .acquire()
+            .await
+            .map_err(|_| BoxliteError::Internal("boot slots closed".into()))
+    }
+
+    /// The cross-process lock of one box (held during create, start, stop and remove).
+    pub async fn lock_box(&self, dir: &Path) -> BoxliteResult<std::fs::File> {
+        lock_exclusive(dir.join("lock")).await
+    }
+
+    pub fn forget(&self, id: &BoxID) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(id);
+        }
+    }
+
+    fn box_dir(&self, id: &BoxID) -> PathBuf {
+        self.options.home_dir.join("boxes").join(id.to_string())
+    }
 }
 
 impl BoxliteRuntime {
-    /// Opens (creating if needed) the runtime home. The engine and guest bundle are looked
-    /// up at the first box, so a runtime can be inspected on a host that cannot run boxes.
+    /// Opens (creating if needed) the runtime home and recovers from crashes: boxes whose
+    /// supervisor is gone are marked stopped, half-created boxes are removed. The engine and
+    /// guest bundle are looked up at the first boot.
     pub fn new(options: BoxliteOptions) -> BoxliteResult<Self> {
         let home = &options.home_dir;
         if home.as_os_str().is_empty() {
@@ -48,28 +113,72 @@ impl BoxliteRuntime {
         std::fs::create_dir_all(home.join("boxes"))
             .ctx(|| format!("creating {}", home.display()))?;
         let disks = BaseDiskStore::new(&home.join("images"))?;
-        Ok(Self {
-            inner: Arc::new(RuntimeInner {
+        let store = StateStore::open(&home.join("boxlite.db"))?;
+        let boot_slots = Semaphore::new(options.max_concurrent_boots.max(1));
+        let runtime = Self {
+            shared: Arc::new(RuntimeShared {
                 options,
                 metrics: RuntimeMetrics::default(),
+                store,
                 vm_env: OnceCell::new(),
                 disks,
-                boxes: Mutex::new(Vec::new()),
+                boot_slots,
+                live: Mutex::new(HashMap::new()),
             }),
-        })
+        };
+        runtime.recover()?;
+        Ok(runtime)
+    }
+
+    /// Reconciles the database with what is really running, after any crash.
+    fn recover(&self) -> BoxliteResult<()> {
+        let shared = &self.shared;
+        let records = shared.store.list()?;
+        for record in &records {
+            let alive = record.shim.is_some_and(|p| p.is_alive());
+            if matches!(
+                record.status,
+                BoxStatus::Running | BoxStatus::Starting | BoxStatus::Stopping
+            ) && !alive
+            {
+                tracing::info!(box_id = %record.id, "the box's supervisor is gone; marking it stopped");
+                shared
+                    .store
+                    .mark_if(&record.id, record.status, BoxStatus::Stopped)?;
+                if record.options.auto_remove {
+                    shared.store.delete(&record.id)?;
+                    let _ = std::fs::remove_dir_all(shared.box_dir(&record.id));
+                }
+            }
+        }
+        // Directories without a record are creations that died half-way (their lock is free).
+        let known: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+        if let Ok(entries) = std::fs::read_dir(shared.options.home_dir.join("boxes")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name)
+                    && BoxID::is_valid(&name)
+                    && !lock_is_held(&entry.path().join("lock"))
+                {
+                    tracing::info!(dir = %entry.path().display(), "removing a half-created box");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn home(&self) -> &Path {
-        &self.inner.options.home_dir
+        &self.shared.options.home_dir
     }
 
     pub fn options(&self) -> &BoxliteOptions {
-        &self.inner.options
+        &self.shared.options
     }
 
     /// Runtime-wide counters (shared with every box of this runtime).
     pub fn metrics(&self) -> RuntimeMetrics {
-        self.inner.metrics.clone()
+        self.shared.metrics.clone()
     }
 
     /// The accelerator boxes will use and why (probed once per process).
@@ -79,16 +188,17 @@ impl BoxliteRuntime {
 
     /// The guest bundle boxes will boot.
     pub fn guest_bundle(&self) -> BoxliteResult<GuestBundle> {
-        GuestBundle::locate(self.inner.options.guest_dir.as_deref(), self.home())
+        GuestBundle::locate(self.shared.options.guest_dir.as_deref(), self.home())
     }
 
-    /// Creates a box from `options` and boots it; returns once its agent is ready.
+    /// Creates a box from `options` and boots it; returns once its agent is ready. If any
+    /// stage fails, nothing of the box is left behind.
     pub async fn create(&self, options: BoxOptions) -> BoxliteResult<LiteBox> {
         options.validate()?;
         let result = self.create_validated(options).await;
         match &result {
-            Ok(_) => self.inner.metrics.box_created(),
-            Err(_) => self.inner.metrics.box_failed(),
+            Ok(_) => self.shared.metrics.box_created(),
+            Err(_) => self.shared.metrics.box_failed(),
         }
         result
     }
@@ -96,7 +206,7 @@ impl BoxliteRuntime {
     async fn create_validated(&self, options: BoxOptions) -> BoxliteResult<LiteBox> {
         let started = Instant::now();
         if let Some(name) = &options.name {
-            if self.boxes().iter().any(|b| b.name() == Some(name.as_str())) {
+            if self.shared.store.find(name)?.is_some() {
                 return Err(BoxliteError::invalid(
                     "name",
                     format!("a box named {name:?} already exists"),
@@ -107,9 +217,14 @@ impl BoxliteRuntime {
 
         let stage = Instant::now();
         let id = BoxID::new();
-        let dir = self.home().join("boxes").join(id.to_string());
+        let dir = self.shared.box_dir(&id);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
-        let cleanup = RemoveOnDrop(Some(dir.clone()));
+        let mut cleanup = HalfCreated {
+            dir: Some(dir.clone()),
+            shared: &self.shared,
+            id,
+        };
+        let lock = self.shared.lock_box(&dir).await?;
         stages.filesystem_setup_ms = Some(stage.elapsed().as_millis());
 
         let stage = Instant::now();
@@ -131,80 +246,121 @@ impl BoxliteRuntime {
         stages.image_prepare_ms = Some(stage.elapsed().as_millis());
 
         let stage = Instant::now();
-        let env = self.vm_env().await?;
-        let base = self.inner.disks.ensure(&layout, &resolved, &env).await?;
-        let disk = dir.join("disk.qcow2");
-        create_overlay(&base.path, &disk).await?;
+        let env = self.shared.vm_env().await?;
+        let base = {
+            let _slot = self.shared.boot_slot().await?;
+            self.shared.disks.ensure(&layout, &resolved, &env).await?
+        };
+        create_overlay(&base.path, &dir.join("disk.qcow2"), options.disk_size).await?;
         stages.guest_rootfs_ms = Some(stage.elapsed().as_millis());
 
-        let litebox = LiteBox::new(
+        let record = BoxRecord {
             id,
+            name: options.name.clone(),
             options,
-            image_name,
-            base.config,
-            dir,
-            disk,
-            env,
-            self.inner.metrics.clone(),
-            stages,
-        );
+            image: image_name,
+            image_config: base.config,
+            base_disk: base.path,
+            status: BoxStatus::Configured,
+            shim: None,
+            engine_pid: None,
+            created_at_ms: now_ms(),
+            started_at_ms: None,
+        };
+        self.shared.store.insert(&record)?;
+        let litebox = LiteBox::from_record(record, dir, self.shared.clone());
+        litebox.set_stages(stages);
+        drop(lock);
         litebox.start().await?;
         litebox.record_create_total(started.elapsed().as_millis());
-        std::mem::forget(cleanup);
-        if let Ok(mut boxes) = self.inner.boxes.lock() {
-            boxes.push(litebox.clone());
-        }
+        cleanup.dir = None;
+        self.remember(&litebox);
         Ok(litebox)
     }
 
-    /// The boxes this runtime created, newest last.
-    pub fn boxes(&self) -> Vec<LiteBox> {
-        self.inner
-            .boxes
-            .lock()
-            .map(|b| b.clone())
-            .unwrap_or_default()
+    fn remember(&self, litebox: &LiteBox) {
+        if let Ok(mut live) = self.shared.live.lock() {
+            live.retain(|_, weak| weak.strong_count() > 0);
+            live.insert(litebox.id(), litebox.downgrade());
+        }
     }
 
-    /// Finds a box of this runtime by id or name.
+    /// A box by id or name, from this process or any other sharing the home. A running box
+    /// started elsewhere is reattached on first use.
     pub fn get(&self, id_or_name: &str) -> BoxliteResult<LiteBox> {
-        self.boxes()
-            .into_iter()
-            .find(|b| {
-                b.id().to_string().eq_ignore_ascii_case(id_or_name) || b.name() == Some(id_or_name)
-            })
-            .ok_or_else(|| BoxliteError::BoxNotFound {
-                id: id_or_name.to_owned(),
-            })
+        let record =
+            self.shared
+                .store
+                .find(id_or_name)?
+                .ok_or_else(|| BoxliteError::BoxNotFound {
+                    id: id_or_name.to_owned(),
+                })?;
+        if let Some(existing) = self
+            .shared
+            .live
+            .lock()
+            .ok()
+            .and_then(|live| live.get(&record.id).and_then(LiteBox::upgrade))
+        {
+            return Ok(existing);
+        }
+        let dir = self.shared.box_dir(&record.id);
+        let litebox = LiteBox::from_record(record, dir, self.shared.clone());
+        self.remember(&litebox);
+        Ok(litebox)
     }
 
-    async fn vm_env(&self) -> BoxliteResult<VmEnv> {
-        self.inner
-            .vm_env
-            .get_or_try_init(|| async {
-                let engine = QemuEngine::locate()?;
-                let bundle = self.guest_bundle()?;
-                let choice = accel::choose()?;
-                Ok::<_, BoxliteError>(VmEnv {
-                    engine: Arc::new(engine),
-                    bundle,
-                    accel: choice.accel,
-                    boot_timeout: self.inner.options.boot_timeout,
-                    stop_timeout: self.inner.options.stop_timeout,
-                })
-            })
-            .await
-            .cloned()
+    pub fn get_info(&self, id_or_name: &str) -> BoxliteResult<BoxInfo> {
+        Ok(self.get(id_or_name)?.info())
+    }
+
+    /// Every box recorded in the home, oldest first.
+    pub fn list_info(&self) -> BoxliteResult<Vec<BoxInfo>> {
+        let records = self.shared.store.list()?;
+        Ok(records
+            .iter()
+            .filter_map(|r| self.get(&r.id.to_string()).ok())
+            .map(|b| b.info())
+            .collect())
+    }
+
+    /// Deletes a box; a running one needs `force` (it is stopped first).
+    pub async fn remove(&self, id_or_name: &str, force: bool) -> BoxliteResult<()> {
+        self.get(id_or_name)?.remove(force).await
+    }
+
+    /// Boxes with a live handle in this process.
+    pub fn boxes(&self) -> Vec<LiteBox> {
+        self.shared
+            .live
+            .lock()
+            .map(|live| live.values().filter_map(LiteBox::upgrade).collect())
+            .unwrap_or_default()
     }
 }
 
-/// Removes a half-created box directory unless forgotten.
-struct RemoveOnDrop(Option<PathBuf>);
+/// Undoes a creation that did not finish: record, directory, and anything running.
+struct HalfCreated<'a> {
+    dir: Option<PathBuf>,
+    shared: &'a RuntimeShared,
+    id: BoxID,
+}
 
-impl Drop for RemoveOnDrop {
+impl Drop for HalfCreated<'_> {
     fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
+        if let Some(dir) = self.dir.take() {
+            let _ = self.shared.store.delete(&self.id);
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Whether another process holds the lock file (a creation in progress).
+fn lock_is_held(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a successful probe is released at close.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }

@@ -24,6 +24,8 @@ pub(crate) struct RunningVm {
     pub boot_ms: u128,
     /// Time to spawn the engine process.
     pub spawn_ms: u128,
+    /// The agent's `Ready` message.
+    pub ready: Message,
 }
 
 /// Spawns the VM and waits for its agent; on any failure the engine is killed and reaped.
@@ -70,14 +72,15 @@ pub(crate) async fn launch(
             exit = child.wait() => return Err(engine_exited(&exit.0, &config.console_log)),
         };
         check_ready(&ready)?;
-        Ok(client)
+        Ok((client, ready))
     }
     .await;
     drop(listener);
     match outcome {
-        Ok(client) => Ok(RunningVm {
+        Ok((client, ready)) => Ok(RunningVm {
             child,
             client,
+            ready,
             boot_ms: started.elapsed().as_millis(),
             spawn_ms,
         }),
@@ -168,6 +171,10 @@ fn engine_exited(status: &str, console_log: &Path) -> BoxliteError {
 #[derive(Debug, Clone)]
 pub(crate) struct VmEnv {
     pub engine: std::sync::Arc<dyn Engine>,
+    /// The engine binary, for the per-box supervisors.
+    pub qemu: PathBuf,
+    /// The `boxlite-shim` binary.
+    pub shim: PathBuf,
     pub bundle: crate::vmm::GuestBundle,
     pub accel: crate::vmm::Accel,
     pub boot_timeout: Seconds,

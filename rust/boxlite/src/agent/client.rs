@@ -184,6 +184,12 @@ impl AgentClient {
         self.shared.closed.borrow().clone()
     }
 
+    /// Resolves when the connection ends.
+    pub async fn closed(&self) {
+        let mut closed = self.shared.closed.subscribe();
+        let _ = closed.wait_for(Option::is_some).await;
+    }
+
     pub fn close(&self, reason: &str) {
         self.shared.close(reason.to_string());
     }
@@ -268,7 +274,7 @@ async fn read_loop(
     let reason = loop {
         let frame = match read_frame(&mut reader).await {
             Ok(Some(frame)) => frame,
-            Ok(None) => break "the guest closed the connection".to_string(),
+            Ok(None) => break "the box's VM or its supervisor exited".to_string(),
             Err(e) => break e,
         };
         let Some(shared) = shared.upgrade() else {

@@ -5,14 +5,24 @@ use std::process::Command;
 
 use super::tools::{find_tool, run_tool};
 use crate::error::BoxliteResult;
+use crate::units::Bytes;
 
-/// Creates a qcow2 overlay at `overlay` backed by the raw `base` disk (read-only underneath).
-pub(crate) async fn create_overlay(base: &Path, overlay: &Path) -> BoxliteResult<()> {
+/// Creates a qcow2 overlay at `overlay` backed by the raw `base` disk (read-only underneath),
+/// `size` large if given and larger than the base (the guest grows its filesystem to it).
+pub(crate) async fn create_overlay(
+    base: &Path,
+    overlay: &Path,
+    size: Option<Bytes>,
+) -> BoxliteResult<()> {
     let qemu_img = find_tool("qemu-img", "qemu-utils")?;
+    let base_size = std::fs::metadata(base).map(|m| m.len()).unwrap_or(0);
     let mut command = Command::new(qemu_img);
     command
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(overlay);
+    if let Some(size) = size.filter(|s| s.as_u64() > base_size) {
+        command.arg(size.as_u64().to_string());
+    }
     run_tool(command).await
 }

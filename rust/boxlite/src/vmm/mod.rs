@@ -14,14 +14,14 @@ pub use accel::{Accel, AccelChoice};
 pub use bundle::GuestBundle;
 
 /// How a disk image is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskFormat {
     Raw,
     Qcow2,
 }
 
 /// A disk attached to the VM as a virtio block device (`/dev/vda`, `/dev/vdb`, ... in order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskAttachment {
     pub path: PathBuf,
     pub format: DiskFormat,
@@ -31,7 +31,7 @@ pub struct DiskAttachment {
 }
 
 /// Everything an engine needs to start one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Shown in process listings.
     pub name: String,

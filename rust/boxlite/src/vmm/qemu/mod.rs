@@ -6,7 +6,7 @@ use std::process::Command;
 
 use super::{Accel, DiskFormat, Engine, VmConfig, CONSOLE_LOG_LIMIT};
 use crate::error::{BoxliteError, BoxliteResult};
-use crate::process::GuardedChild;
+use crate::process::{ChildOptions, GuardedChild};
 
 /// Kernel parameters that shorten a boot under a software CPU and keep the console quiet
 /// (measured in guest/README.md): no crypto self-tests at boot, no patching out of `lock`
@@ -48,6 +48,11 @@ impl QemuEngine {
                     install_hint(),
                 )
             })
+    }
+
+    /// An engine using exactly this binary.
+    pub fn at(binary: PathBuf) -> Self {
+        Self { binary }
     }
 
     pub fn binary(&self) -> &Path {
@@ -144,7 +149,13 @@ impl Engine for QemuEngine {
     fn spawn(&self, config: &VmConfig) -> BoxliteResult<GuardedChild> {
         let mut command = Command::new(&self.binary);
         command.args(self.args(config));
-        GuardedChild::spawn(command, &config.console_log, CONSOLE_LOG_LIMIT)
+        let options = ChildOptions {
+            log_path: config.console_log.clone(),
+            log_limit: CONSOLE_LOG_LIMIT,
+            die_with_parent: true,
+            capture_stdout: false,
+        };
+        Ok(GuardedChild::spawn(command, &options)?.0)
     }
 }
 

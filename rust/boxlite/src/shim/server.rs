@@ -1,0 +1,273 @@
+//! The shim process itself.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use boxlite_proto::{Body, Frame, FrameHeader, Message, StreamId, HEADER_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::{ShimConfig, ShimStatus};
+use crate::agent::{AgentClient, ChannelEvent, ChannelHandle};
+use crate::error::{BoxliteError, BoxliteResult};
+use crate::vm::launch;
+use crate::vmm::qemu::QemuEngine;
+
+/// Entry point of the `boxlite-shim` binary: `boxlite-shim <shim.json>`.
+pub fn main() -> ExitCode {
+    let Some(config_path) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: boxlite-shim SHIM_CONFIG_JSON");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            report(&ShimStatus::Failed {
+                error: (&BoxliteError::io("starting the shim runtime", e)).into(),
+            });
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config_path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&ShimStatus::Failed { error: (&e).into() });
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(status: &ShimStatus) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, status);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+async fn run(config_path: PathBuf) -> BoxliteResult<()> {
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| BoxliteError::io(format!("reading {}", config_path.display()), e))?;
+    let config: ShimConfig = serde_json::from_str(&text)
+        .map_err(|e| BoxliteError::Internal(format!("bad shim config: {e}")))?;
+    let engine = QemuEngine::at(config.qemu.clone());
+    let vm = launch(&engine, &config.vm, config.boot_timeout).await?;
+    let ready = vm.ready.clone();
+
+    let _ = std::fs::remove_file(&config.client_socket);
+    let listener = UnixListener::bind(&config.client_socket).map_err(|e| {
+        BoxliteError::io(
+            format!("listening on {}", config.client_socket.display()),
+            e,
+        )
+    })?;
+    report(&ShimStatus::Ready {
+        engine_pid: vm.child.pid(),
+        spawn_ms: vm.spawn_ms as u64,
+        boot_ms: vm.boot_ms as u64,
+    });
+    // Nobody reads stdout any more; a closed pipe must not kill us later.
+    silence_stdout();
+
+    let agent = vm.client.clone();
+    let serve = async {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_client(stream, agent.clone(), ready.clone()));
+                }
+                Err(e) => tracing::warn!(%e, "accept failed"),
+            }
+        }
+    };
+    tokio::select! {
+        _ = serve => {}
+        exit = vm.child.wait() => tracing::info!(status = %exit.0, "engine exited; shim ends"),
+    }
+    let _ = std::fs::remove_file(&config.client_socket);
+    Ok(())
+}
+
+fn silence_stdout() {
+    // SAFETY: plain open/dup2 on our own descriptors.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if fd >= 0 {
+            libc::dup2(fd, 1);
+            libc::close(fd);
+        }
+    }
+}
+
+/// Relays one client: its channel `c` maps to a guest channel opened for it.
+async fn serve_client(stream: UnixStream, agent: AgentClient, ready: Message) {
+    let (mut reader, mut writer) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let writer_task = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(256 * 1024);
+        while let Some(frame) = out_rx.recv().await {
+            buf.clear();
+            frame.encode_into(&mut buf);
+            while buf.len() < 256 * 1024 {
+                match out_rx.try_recv() {
+                    Ok(frame) => frame.encode_into(&mut buf),
+                    Err(_) => break,
+                }
+            }
+            if writer.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+    });
+    let _ = out_tx.send(Frame::control(0, ready));
+
+    let mut channels: HashMap<u32, RelayedChannel> = HashMap::new();
+    loop {
+        let frame = match read_frame(&mut reader).await {
+            Some(frame) => frame,
+            None => break,
+        };
+        let c = frame.channel;
+        match frame.body {
+            Body::Control(message) => match channels.get(&c) {
+                Some(relayed) => {
+                    let _ = relayed.handle.send_message(message);
+                }
+                None => match agent.open(message) {
+                    Ok(channel) => {
+                        let handle = channel.handle.clone();
+                        let stdin = spawn_stdin_forwarder(handle.clone(), c, out_tx.clone());
+                        let pump = tokio::spawn(pump_to_client(channel, c, out_tx.clone()));
+                        channels.insert(
+                            c,
+                            RelayedChannel {
+                                handle,
+                                stdin,
+                                pump,
+                            },
+                        );
+                    }
+                    Err(_) => break,
+                },
+            },
+            Body::Data {
+                stream: StreamId::Stdin,
+                data,
+            } => {
+                if let Some(relayed) = channels.get(&c) {
+                    let _ = relayed.stdin.send(StdinItem::Data(data));
+                }
+            }
+            Body::Eof {
+                stream: StreamId::Stdin,
+            } => {
+                if let Some(relayed) = channels.get(&c) {
+                    let _ = relayed.stdin.send(StdinItem::Eof);
+                }
+            }
+            Body::Credit { stream, bytes } => {
+                if let Some(relayed) = channels.get(&c) {
+                    relayed.handle.credit(stream, bytes as usize);
+                }
+            }
+            // Clients never send output streams; a confused one is cut off.
+            Body::Data { .. } | Body::Eof { .. } => break,
+        }
+        channels.retain(|_, relayed| !relayed.pump.is_finished());
+    }
+    // The client is gone: whatever it still ran would wait forever for credit. Kill it.
+    for (_, relayed) in channels.drain() {
+        if !relayed.pump.is_finished() {
+            let _ = relayed.handle.send_message(Message::Signal {
+                signal: libc::SIGKILL,
+            });
+        }
+        relayed.pump.abort();
+    }
+    writer_task.abort();
+}
+
+struct RelayedChannel {
+    handle: ChannelHandle,
+    stdin: mpsc::UnboundedSender<StdinItem>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+enum StdinItem {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// Forwards a client's stdin in order, waiting for guest credit, and credits the client for
+/// each chunk once it is on its way: the client's window is bounded by the guest's.
+fn spawn_stdin_forwarder(
+    handle: ChannelHandle,
+    client_channel: u32,
+    out: mpsc::UnboundedSender<Frame>,
+) -> mpsc::UnboundedSender<StdinItem> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(item) = rx.recv().await {
+            match item {
+                StdinItem::Data(data) => {
+                    let len = data.len() as u32;
+                    if handle.send_stdin(&data).await.is_err() {
+                        return;
+                    }
+                    let _ = out.send(Frame::credit(client_channel, StreamId::Stdin, len));
+                }
+                StdinItem::Eof => {
+                    let _ = handle.send_eof(StreamId::Stdin);
+                }
+            }
+        }
+    });
+    tx
+}
+
+async fn pump_to_client(
+    mut channel: crate::agent::Channel,
+    client_channel: u32,
+    out: mpsc::UnboundedSender<Frame>,
+) {
+    loop {
+        let frame = match channel.recv().await {
+            Ok(ChannelEvent::Message(message)) => {
+                let last = matches!(
+                    message,
+                    Message::Exited(_)
+                        | Message::Done
+                        | Message::Error { .. }
+                        | Message::Pong
+                        | Message::MetricsReport(_)
+                );
+                let _ = out.send(Frame::control(client_channel, message));
+                if last {
+                    return;
+                }
+                continue;
+            }
+            Ok(ChannelEvent::Data(stream, data)) => Frame::data(client_channel, stream, data),
+            Ok(ChannelEvent::Eof(stream)) => Frame::eof(client_channel, stream),
+            Err(_) => return,
+        };
+        if out.send(frame).is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_frame(reader: &mut tokio::net::unix::OwnedReadHalf) -> Option<Frame> {
+    let mut head = [0u8; HEADER_LEN];
+    reader.read_exact(&mut head).await.ok()?;
+    let header = FrameHeader::decode(&head).ok()?;
+    let mut payload = vec![0u8; header.payload_len];
+    reader.read_exact(&mut payload).await.ok()?;
+    Frame::decode(header, payload).ok()
+}
