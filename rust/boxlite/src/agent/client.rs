@@ -345,7 +345,10 @@ fn route(shared: &Shared, frame: Frame) -> Result<(), String> {
     Ok(())
 }
 
-async fn read_frame(reader: &mut tokio::net::unix::OwnedReadHalf) -> Result<Option<Frame>, String> {
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub(crate) async fn read_frame(
+    reader: &mut tokio::net::unix::OwnedReadHalf,
+) -> Result<Option<Frame>, String> {
     let mut head = [0u8; HEADER_LEN];
     match reader.read_exact(&mut head).await {
         Ok(_) => {}
@@ -364,28 +367,36 @@ async fn read_frame(reader: &mut tokio::net::unix::OwnedReadHalf) -> Result<Opti
 }
 
 async fn write_loop(
-    mut writer: tokio::net::unix::OwnedWriteHalf,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    frames: mpsc::UnboundedReceiver<Frame>,
     shared: std::sync::Weak<Shared>,
 ) {
+    if let Err(e) = write_frames(writer, frames).await {
+        if let Some(shared) = shared.upgrade() {
+            shared.close(format!("writing to the guest: {e}"));
+        }
+    }
+}
+
+/// Writes queued frames until the queue closes, batching what is already waiting into one
+/// write.
+pub(crate) async fn write_frames(
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(256 * 1024);
     while let Some(frame) = frames.recv().await {
         buf.clear();
         frame.encode_into(&mut buf);
-        // Batch whatever else is already queued into one write.
         while buf.len() < 256 * 1024 {
             match frames.try_recv() {
                 Ok(frame) => frame.encode_into(&mut buf),
                 Err(_) => break,
             }
         }
-        if let Err(e) = writer.write_all(&buf).await {
-            if let Some(shared) = shared.upgrade() {
-                shared.close(format!("writing to the guest: {e}"));
-            }
-            return;
-        }
+        writer.write_all(&buf).await?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,4 +2,6 @@
 
 mod client;
 
-pub(crate) use client::{AgentClient, Channel, ChannelEvent, ChannelHandle};
+pub(crate) use client::{
+    read_frame, write_frames, AgentClient, Channel, ChannelEvent, ChannelHandle,
+};

@@ -5,13 +5,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use boxlite_proto::{Body, Frame, FrameHeader, Message, StreamId, HEADER_LEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use boxlite_proto::{Body, Frame, Message, StreamId};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use super::{ShimConfig, ShimStatus};
-use crate::agent::{AgentClient, ChannelEvent, ChannelHandle};
+use crate::agent::{read_frame, write_frames, AgentClient, ChannelEvent, ChannelHandle};
 use crate::error::{BoxliteError, BoxliteResult};
 use crate::vm::launch;
 use crate::vmm::qemu::QemuEngine;
@@ -107,31 +106,15 @@ fn silence_stdout() {
 
 /// Relays one client: its channel `c` maps to a guest channel opened for it.
 async fn serve_client(stream: UnixStream, agent: AgentClient, ready: Message) {
-    let (mut reader, mut writer) = stream.into_split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
-    let writer_task = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(256 * 1024);
-        while let Some(frame) = out_rx.recv().await {
-            buf.clear();
-            frame.encode_into(&mut buf);
-            while buf.len() < 256 * 1024 {
-                match out_rx.try_recv() {
-                    Ok(frame) => frame.encode_into(&mut buf),
-                    Err(_) => break,
-                }
-            }
-            if writer.write_all(&buf).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut reader, writer) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
+    let writer_task = tokio::spawn(write_frames(writer, out_rx));
     let _ = out_tx.send(Frame::control(0, ready));
 
     let mut channels: HashMap<u32, RelayedChannel> = HashMap::new();
     loop {
-        let frame = match read_frame(&mut reader).await {
-            Some(frame) => frame,
-            None => break,
+        let Ok(Some(frame)) = read_frame(&mut reader).await else {
+            break;
         };
         let c = frame.channel;
         match frame.body {
@@ -261,13 +244,4 @@ async fn pump_to_client(
             return;
         }
     }
-}
-
-async fn read_frame(reader: &mut tokio::net::unix::OwnedReadHalf) -> Option<Frame> {
-    let mut head = [0u8; HEADER_LEN];
-    reader.read_exact(&mut head).await.ok()?;
-    let header = FrameHeader::decode(&head).ok()?;
-    let mut payload = vec![0u8; header.payload_len];
-    reader.read_exact(&mut payload).await.ok()?;
-    Frame::decode(header, payload).ok()
 }
