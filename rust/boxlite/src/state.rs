@@ -81,6 +81,23 @@ CREATE TABLE IF NOT EXISTS boxes (
     started_at_ms INTEGER
 );";
 
+fn initialize(conn: &Connection) -> rusqlite::Result<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn db_error(e: rusqlite::Error) -> BoxliteError {
     BoxliteError::Database(e.to_string())
 }
@@ -97,11 +114,18 @@ impl StateStore {
         // Several processes may share a home: wait for each other's short transactions.
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db_error)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_error)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db_error)?;
-        conn.execute_batch(SCHEMA).map_err(db_error)?;
+        // Switching to WAL and creating the schema can fail with SQLITE_BUSY without the busy
+        // handler being consulted when two processes open a new home at once: retry.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match initialize(&conn) {
+                Ok(()) => break,
+                Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(db_error(e)),
+            }
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -362,6 +386,21 @@ mod tests {
         store.insert(&record(None)).unwrap();
         store.insert(&record(None)).unwrap();
         assert_eq!(store.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn many_handles_can_open_a_new_home_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || StateStore::open(&path).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
     }
 
     #[test]
