@@ -15,12 +15,12 @@ PY_DEPS    := maturin>=1.7,<2 pytest>=8 pytest-asyncio>=0.23 pytest-timeout>=2.3
 RUST_SOURCES  := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml)
 GUEST_SOURCES := $(shell find rust/boxlite-guest rust/boxlite-proto -name '*.rs' -o -name Cargo.toml)
 
-.PHONY: demo test guest develop lint rust-test py-test stubtest image clean bench
+.PHONY: demo test guest develop lint rust-test py-test stubtest image test-images clean bench
 
 demo: develop guest image
 	$(PY) scripts/demo.py $(DEMO_IMAGE)
 
-test: develop guest image lint rust-test stubtest py-test
+test: develop guest image test-images lint rust-test stubtest py-test
 
 # The benchmark suite (no pass/fail); FIGURE=name[,name] runs only those. See docs/benchmarks.md.
 bench: develop guest image
@@ -65,11 +65,16 @@ $(DEMO_IMAGE)/index.json: images/busybox_layout.py $(STAMPS)/system
 
 image: $(DEMO_IMAGE)/index.json
 
+# The registry test images (alpine/python stand-ins from Debian packages, a multi-layer image,
+# multi-platform indexes), built once per machine: cached under build/test-images/<script hash>.
+test-images: $(STAMPS)/system
+	python3 tests/images/build.py $(BUILD)/test-images
+
 lint: $(STAMPS)/venv
 	cargo fmt --all --check
 	cargo clippy -q --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests scripts images
-	$(VENV)/bin/ruff format --check python tests scripts images
+	$(VENV)/bin/ruff check python tests scripts images examples bench
+	$(VENV)/bin/ruff format --check python tests scripts images examples bench
 
 rust-test:
 	cargo test -q --workspace
@@ -78,8 +83,9 @@ stubtest: develop
 	$(PY) -m mypy.stubtest boxlite._native
 	$(VENV)/bin/mypy
 
-py-test: develop guest image
-	BOXLITE_TEST_IMAGE=$(abspath $(DEMO_IMAGE)) $(VENV)/bin/pytest -q
+py-test: develop guest image test-images
+	BOXLITE_TEST_IMAGE=$(abspath $(DEMO_IMAGE)) \
+	BOXLITE_TEST_IMAGES=$$(python3 tests/images/build.py $(BUILD)/test-images) $(VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(BUILD) $(PKG_GUEST) python/boxlite/bin target

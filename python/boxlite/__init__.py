@@ -33,7 +33,9 @@ from .errors import (
     RegistryUnauthorizedError,
     StorageError,
 )
+from .images import GcReport, ImageInfo, ImageRegistry, Images, PullProgress
 from .simplebox import CodeBox, SimpleBox
+from .sync import SyncBox, SyncBoxlite, SyncCodeBox, SyncExecution, SyncSimpleBox
 
 __version__: str = _native.__version__
 
@@ -48,6 +50,11 @@ __all__ = [
     "accelerator",
     "Boxlite",
     "Options",
+    "ImageRegistry",
+    "Images",
+    "ImageInfo",
+    "PullProgress",
+    "GcReport",
     "BoxOptions",
     "Box",
     "BoxInfo",
@@ -55,6 +62,11 @@ __all__ = [
     "Execution",
     "SimpleBox",
     "CodeBox",
+    "SyncBoxlite",
+    "SyncBox",
+    "SyncExecution",
+    "SyncSimpleBox",
+    "SyncCodeBox",
     "ExecStdin",
     "ExecResult",
     "RuntimeMetrics",

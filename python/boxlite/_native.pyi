@@ -1,5 +1,5 @@
 # Hand-written stub of the native extension module; checked by mypy.stubtest in `make test`.
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Generator
 from os import PathLike
 from typing import Any, final
 
@@ -8,6 +8,7 @@ __all__ = [
     "accelerator",
     "_raise_error",
     "_error_kinds",
+    "_drain_at_exit",
     "Runtime",
     "NativeBox",
     "NativeExecution",
@@ -16,6 +17,7 @@ __all__ = [
     "StdinWriter",
     "RuntimeMetrics",
     "BoxMetrics",
+    "NativeImages",
 ]
 
 __version__: str
@@ -23,6 +25,7 @@ __version__: str
 def accelerator() -> tuple[str, str]: ...
 def _raise_error(kind: str) -> None: ...
 def _error_kinds() -> list[str]: ...
+def _drain_at_exit() -> None: ...
 
 @final
 class RuntimeMetrics:
@@ -36,6 +39,11 @@ class RuntimeMetrics:
     def total_commands_run(self) -> int: ...
     @property
     def total_run_errors(self) -> int: ...
+    @property
+    def total_commands_executed(self) -> int: ...
+    @property
+    def total_exec_errors(self) -> int: ...
+    def __await__(self) -> Generator[Any, None, RuntimeMetrics]: ...
 
 @final
 class BoxMetrics:
@@ -43,6 +51,10 @@ class BoxMetrics:
     def commands_run_total(self) -> int: ...
     @property
     def run_errors_total(self) -> int: ...
+    @property
+    def commands_executed_total(self) -> int: ...
+    @property
+    def exec_errors_total(self) -> int: ...
     @property
     def bytes_sent_total(self) -> int: ...
     @property
@@ -139,6 +151,16 @@ class NativeBox:
     def metrics(self) -> Awaitable[BoxMetrics]: ...
 
 @final
+class NativeImages:
+    def pull(
+        self, reference: str, progress: Callable[[str, int, int, int, int], None] | None = None
+    ) -> Awaitable[dict[str, Any]]: ...
+    def list(self) -> list[dict[str, Any]]: ...
+    def get(self, reference: str) -> dict[str, Any]: ...
+    def remove(self, reference: str) -> Awaitable[None]: ...
+    def gc(self) -> Awaitable[dict[str, int]]: ...
+
+@final
 class Runtime:
     def __new__(
         cls,
@@ -147,10 +169,12 @@ class Runtime:
         shim_path: str | PathLike[str] | None = None,
         boot_timeout_secs: float | None = None,
         stop_timeout_secs: float | None = None,
+        image_registries: list[tuple[str, str, bool, bool, str | None, str | None, str | None]] = ...,
     ) -> Runtime: ...
     @property
     def home_dir(self) -> str: ...
     def metrics(self) -> RuntimeMetrics: ...
+    def images(self) -> NativeImages: ...
     def guest_dir(self) -> str: ...
     def create(
         self,

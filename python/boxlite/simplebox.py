@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from ._runtime import Box, Boxlite, BoxOptions, ExecResult, PathLike
-from .errors import ExecError, InvalidStateError
+from ._native import BoxMetrics
+from ._runtime import Box, BoxInfo, Boxlite, BoxOptions, ExecResult, PathLike
+from .errors import ExecError, InvalidArgumentError, InvalidStateError
+
+_S = TypeVar("_S", bound="SimpleBox")
 
 #: The image `CodeBox` uses unless told otherwise.
 CODEBOX_IMAGE = "python:slim"
@@ -17,23 +22,43 @@ CODEBOX_IMAGE = "python:slim"
 class SimpleBox:
     """A box for running commands: ``async with SimpleBox(image=...) as box: await box.exec(...)``.
 
-    The box is created on entry and stopped (and removed, once removal exists) on exit.
+    The box is created (or, with ``reuse_existing=True``, found by ``name``) on entry and
+    stopped on exit; with ``auto_remove=True`` (the default) stopping also deletes it. Other
+    keyword arguments are ``BoxOptions`` fields. ``runtime`` defaults to
+    ``Boxlite.default()``.
     """
 
     def __init__(
         self,
         image: str | None = None,
-        *,
         rootfs_path: PathLike | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
         runtime: Boxlite | None = None,
+        name: str | None = None,
+        auto_remove: bool = True,
+        reuse_existing: bool = False,
         **box_options: Any,
     ) -> None:
-        self._options = BoxOptions(image=image, rootfs_path=rootfs_path, **box_options)
+        self._options = BoxOptions(
+            image=image,
+            rootfs_path=rootfs_path,
+            memory_mib=memory_mib,
+            cpus=cpus,
+            name=name,
+            auto_remove=auto_remove,
+            **box_options,
+        )
+        if reuse_existing and name is None:
+            raise InvalidArgumentError("invalid argument `reuse_existing`: give the `name` of the box to reuse")
         self._runtime = runtime
+        self._reuse_existing = reuse_existing
         self._box: Box | None = None
+        self._created: bool | None = None
 
     @property
     def box(self) -> Box:
+        """The underlying ``Box`` (for streaming execs, stdin, tty...)."""
         if self._box is None:
             raise InvalidStateError("the box is not started: use `async with` or `await start()`")
         return self._box
@@ -42,12 +67,47 @@ class SimpleBox:
     def id(self) -> str:
         return self.box.id
 
-    async def start(self) -> SimpleBox:
+    @property
+    def name(self) -> str | None:
+        return self._options.name
+
+    @property
+    def created(self) -> bool | None:
+        """True if entering made a new box, False if it reused one, None before."""
+        return self._created
+
+    async def start(self: _S) -> _S:
+        """Creates (or reuses) and boots the box; does nothing if it is already up."""
         if self._box is None:
             if self._runtime is None:
                 self._runtime = Boxlite.default()
-            self._box = await self._runtime.create(self._options)
+            if self._reuse_existing:
+                self._box, self._created = await self._runtime.get_or_create(self._options)
+            else:
+                self._box = await self._runtime.create(self._options)
+                self._created = True
         return self
+
+    async def info(self) -> BoxInfo:
+        return self.box.info()
+
+    async def metrics(self) -> BoxMetrics:
+        return await self.box.metrics()
+
+    async def copy_in(self, host_path: PathLike, box_path: str) -> None:
+        await self.box.copy_in(host_path, box_path)
+
+    async def copy_out(self, box_path: str, host_path: PathLike) -> None:
+        await self.box.copy_out(box_path, host_path)
+
+    async def read_file(self, path: str) -> bytes:
+        return await self.box.read_file(path)
+
+    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        await self.box.write_file(path, data, mode)
+
+    async def list_dir(self, path: str) -> list[str]:
+        return await self.box.list_dir(path)
 
     async def exec(
         self,
@@ -58,16 +118,27 @@ class SimpleBox:
         user: str | None = None,
         timeout: float | None = None,
     ) -> ExecResult:
-        """Runs ``cmd args...`` to completion and returns its result."""
+        """Runs ``cmd args...`` to completion and returns its result (a non-zero exit is a
+        result, not an error). ``timeout`` seconds kills it and raises ``ExecTimeoutError``;
+        ``env`` adds variables, ``cwd`` and ``user`` override the box's."""
         execution = await self.box.exec(cmd, list(args), env=env, cwd=cwd, user=user, timeout_secs=timeout)
         return await execution.wait()
 
-    async def shutdown(self) -> None:
+    async def stop(self) -> None:
+        """Stops the box (deleting it if ``auto_remove``); a later ``start()`` makes or finds
+        one again."""
         if self._box is not None:
-            await self._box.stop()
-            self._box = None
+            box, self._box = self._box, None
+            try:
+                await box.stop()
+            except InvalidStateError:
+                pass  # already stopped (or removed) by someone else
 
-    async def __aenter__(self) -> SimpleBox:
+    async def shutdown(self) -> None:
+        """Same as ``stop()``."""
+        await self.stop()
+
+    async def __aenter__(self: _S) -> _S:
         return await self.start()
 
     async def __aexit__(
@@ -77,15 +148,25 @@ class SimpleBox:
 
 
 class CodeBox(SimpleBox):
-    """A box for running Python code; ``run(code)`` returns its stdout."""
+    """A box for running Python code (default image ``python:slim``); ``run(code)`` returns
+    its stdout."""
 
-    def __init__(self, image: str | None = None, *, rootfs_path: PathLike | None = None, **kwargs: Any) -> None:
-        if image is None and rootfs_path is None:
+    def __init__(
+        self,
+        image: str | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        runtime: Boxlite | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if image is None and kwargs.get("rootfs_path") is None:
             image = CODEBOX_IMAGE
-        super().__init__(image, rootfs_path=rootfs_path, **kwargs)
+        super().__init__(image, memory_mib=memory_mib, cpus=cpus, runtime=runtime, **kwargs)
 
     async def run(self, code: str, timeout: float | None = None) -> str:
-        """Runs ``code`` with ``python3 -c``; returns stdout, raises ``ExecError`` on failure."""
+        """Runs ``code`` with ``python3 -c``; returns its stdout, raises ``ExecError`` (with
+        the exit code, stdout and stderr) if it fails and ``ExecTimeoutError`` if it runs
+        past ``timeout`` seconds (it is killed)."""
         result = await self.exec("python3", "-c", code, timeout=timeout)
         if result.exit_code != 0:
             raise ExecError(
@@ -96,16 +177,30 @@ class CodeBox(SimpleBox):
             )
         return result.stdout
 
-    async def install_package(self, name: str, timeout: float | None = None) -> str:
-        return await self.install_packages([name], timeout=timeout)
+    async def run_script(self, script_path: PathLike, timeout: float | None = None) -> str:
+        """Runs the Python file ``script_path`` (on the host) in the box, like ``run``."""
+        code = await asyncio.to_thread(Path(script_path).read_text)
+        return await self.run(code, timeout=timeout)
 
-    async def install_packages(self, names: list[str], timeout: float | None = None) -> str:
-        result = await self.exec("python3", "-m", "pip", "install", "--quiet", *names, timeout=timeout)
+    async def install_package(self, name: str, timeout: float | None = None) -> str:
+        """``pip install name`` in the box; returns pip's output, raises ``ExecError`` if it
+        fails."""
+        return await self.install_packages(name, timeout=timeout)
+
+    async def install_packages(self, *names: str | Iterable[str], timeout: float | None = None) -> str:
+        """``pip install`` of several packages: ``install_packages("a", "b")`` or
+        ``install_packages(["a", "b"])``."""
+        flat: list[str] = []
+        for item in names:
+            flat.extend([item] if isinstance(item, str) else list(item))
+        if not flat:
+            raise InvalidArgumentError("invalid argument `names`: give at least one package")
+        result = await self.exec("python3", "-m", "pip", "install", "--quiet", *flat, timeout=timeout)
         if result.exit_code != 0:
             raise ExecError(
-                f"pip install {shlex.join(names)} failed: {result.stderr.strip()}",
+                f"pip install {shlex.join(flat)} failed: {result.stderr.strip()}",
                 exit_code=result.exit_code,
                 stdout=result.stdout,
                 stderr=result.stderr,
             )
-        return result.stdout
+        return result.stdout + result.stderr

@@ -10,15 +10,30 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from ._native import BoxMetrics, RuntimeMetrics
-from ._runtime import Box, BoxInfo, Boxlite, BoxOptions, EnvLike, ExecResult, Execution, Options, PathLike
+from ._runtime import (
+    Box,
+    BoxInfo,
+    Boxlite,
+    BoxOptions,
+    EnvLike,
+    ExecResult,
+    ExecStdin,
+    Execution,
+    ExecutionId,
+    Options,
+    PathLike,
+)
 from .errors import InvalidStateError
+from .images import GcReport, ImageInfo, Images, ProgressCallback
 from .simplebox import CodeBox, SimpleBox
 
 T = TypeVar("T")
+_S = TypeVar("_S", bound="SyncSimpleBox")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -36,7 +51,9 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs `coro` on the private loop and blocks until it is done."""
+    """Runs `coro` on the private loop and blocks until it is done. An interrupt while
+    blocked (Ctrl-C) cancels it there, exactly as cancelling an async task would (a waited-for
+    execution is killed), and waits briefly for that to happen before re-raising."""
     loop = _background_loop()
     try:
         running = asyncio.get_running_loop()
@@ -45,7 +62,26 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     if running is loop:
         coro.close()
         raise InvalidStateError("the sync API cannot be called from its own event loop thread")
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+    finished = threading.Event()
+
+    async def tracked() -> T:
+        try:
+            return await coro
+        finally:
+            finished.set()
+
+    future = asyncio.run_coroutine_threadsafe(tracked(), loop)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            future.cancel()
+            finished.wait(_CANCEL_GRACE)
+        raise
+
+
+#: How long an interrupted call waits for its cancellation to reach the box.
+_CANCEL_GRACE = 5.0
 
 
 def _iterate(stream: AsyncIterator[T]) -> Iterator[T]:
@@ -62,29 +98,70 @@ def _iterate(stream: AsyncIterator[T]) -> Iterator[T]:
         yield item  # type: ignore[misc]
 
 
+class SyncExecStdin:
+    """Blocking stdin writer of a ``SyncExecution``."""
+
+    def __init__(self, stdin: ExecStdin) -> None:
+        self._stdin = stdin
+
+    def write(self, data: bytes | str) -> None:
+        _run(self._stdin.write(data))
+
+    def send_input(self, data: bytes | str) -> None:
+        """The published package's name for ``write``."""
+        self.write(data)
+
+    def close(self) -> None:
+        _run(self._stdin.close())
+
+    def is_closed(self) -> bool:
+        return self._stdin.is_closed()
+
+    def __enter__(self) -> SyncExecStdin:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class SyncExecution:
+    """Blocking twin of ``Execution``. Interrupting ``wait()`` (Ctrl-C) kills the command."""
+
     def __init__(self, execution: Execution) -> None:
         self._execution = execution
+        self._stdin: SyncExecStdin | None = None
 
     @property
-    def id(self) -> str:
+    def id(self) -> ExecutionId:
         return self._execution.id
 
+    @property
+    def pid(self) -> int:
+        return self._execution.pid
+
     def stdout(self, binary: bool = False) -> Iterator[Any]:
+        """Text lines (or ``bytes`` chunks with ``binary=True``) as they come."""
         return _iterate(self._execution.stdout(binary))
 
     def stderr(self, binary: bool = False) -> Iterator[Any]:
         return _iterate(self._execution.stderr(binary))
 
+    def stdin(self) -> SyncExecStdin | None:
+        """The stdin writer (once), or None once taken."""
+        native = self._execution.stdin()
+        return None if native is None else SyncExecStdin(native)
+
     def write_stdin(self, data: bytes | str, close: bool = False) -> None:
         """Writes to stdin (taking the writer on first use); ``close=True`` sends EOF after."""
-        writer = getattr(self, "_stdin", None) or self._execution.stdin()
-        if writer is None:
-            raise ValueError("stdin was already taken")
-        self._stdin = writer
-        _run(writer.write(data))
+        if self._stdin is None:
+            self._stdin = self.stdin()
+            if self._stdin is None:
+                raise InvalidStateError("stdin of this execution was already taken")
+        self._stdin.write(data)
         if close:
-            _run(writer.close())
+            self._stdin.close()
 
     def wait(self) -> ExecResult:
         return _run(self._execution.wait())
@@ -92,11 +169,19 @@ class SyncExecution:
     def kill(self, signal: int = 9) -> None:
         self._execution.kill(signal)
 
+    def signal(self, sig: int) -> None:
+        self._execution.signal(sig)
+
     def resize_tty(self, rows: int, cols: int) -> None:
         self._execution.resize_tty(rows, cols)
 
+    def __repr__(self) -> str:
+        return f"Sync{self._execution!r}"
+
 
 class SyncBox:
+    """Blocking twin of ``Box``; ``with box:`` stops it at the end."""
+
     def __init__(self, box: Box) -> None:
         self._box = box
 
@@ -108,19 +193,33 @@ class SyncBox:
     def name(self) -> str | None:
         return self._box.name
 
+    @property
+    def dir(self) -> Path:
+        return self._box.dir
+
+    @property
+    def default_command(self) -> list[str]:
+        return self._box.default_command
+
+    @property
+    def box(self) -> Box:
+        """The async ``Box`` behind this one."""
+        return self._box
+
     def info(self) -> BoxInfo:
         return self._box.info()
 
     def exec(
         self,
-        cmd: str,
+        cmd: str | None = None,
         args: Iterable[str] | None = None,
         env: EnvLike = None,
-        tty: bool | tuple[int, int] = False,
+        tty: bool | tuple[int, int] | None = None,
         user: str | None = None,
         timeout_secs: float | None = None,
         cwd: str | None = None,
     ) -> SyncExecution:
+        """Starts a command and returns at once; see ``Box.exec``."""
         execution = _run(self._box.exec(cmd, args, env, tty, user, timeout_secs, cwd))
         return SyncExecution(execution)
 
@@ -129,6 +228,15 @@ class SyncBox:
 
     def copy_out(self, box_path: str, host_path: PathLike) -> None:
         _run(self._box.copy_out(box_path, host_path))
+
+    def read_file(self, path: str) -> bytes:
+        return _run(self._box.read_file(path))
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        _run(self._box.write_file(path, data, mode))
+
+    def list_dir(self, path: str) -> list[str]:
+        return _run(self._box.list_dir(path))
 
     def start(self) -> None:
         _run(self._box.start())
@@ -147,17 +255,63 @@ class SyncBox:
     ) -> None:
         self.stop()
 
+    def __repr__(self) -> str:
+        return f"Sync{self._box!r}"
+
+
+class SyncImages:
+    """Blocking twin of ``Images`` (``SyncBoxlite.images``). A ``progress`` callback of
+    ``pull`` is called on the sync API's background thread."""
+
+    def __init__(self, images: Images) -> None:
+        self._images = images
+
+    def pull(self, reference: str, progress: ProgressCallback | None = None) -> ImageInfo:
+        return _run(self._images.pull(reference, progress))
+
+    def list(self) -> list[ImageInfo]:
+        return _run(self._images.list())
+
+    def get(self, reference: str) -> ImageInfo:
+        return _run(self._images.get(reference))
+
+    def remove(self, reference: str) -> None:
+        _run(self._images.remove(reference))
+
+    def gc(self) -> GcReport:
+        return _run(self._images.gc())
+
 
 class SyncBoxlite:
+    """Blocking twin of ``Boxlite``; ``with SyncBoxlite(...)`` stops its boxes at the end."""
+
     def __init__(self, options: Options | None = None) -> None:
         self._runtime = Boxlite(options)
+        self._images = SyncImages(self._runtime.images)
 
     @classmethod
     def default(cls) -> SyncBoxlite:
         return cls(Options())
 
-    def create(self, options: BoxOptions) -> SyncBox:
-        return SyncBox(_run(self._runtime.create(options)))
+    @property
+    def runtime(self) -> Boxlite:
+        """The async ``Boxlite`` behind this one."""
+        return self._runtime
+
+    @property
+    def home_dir(self) -> Path:
+        return self._runtime.home_dir
+
+    @property
+    def images(self) -> SyncImages:
+        return self._images
+
+    def create(self, options: BoxOptions, name: str | None = None) -> SyncBox:
+        return SyncBox(_run(self._runtime.create(options, name)))
+
+    def get_or_create(self, options: BoxOptions, name: str | None = None) -> tuple[SyncBox, bool]:
+        box, created = _run(self._runtime.get_or_create(options, name))
+        return SyncBox(box), created
 
     def get(self, id_or_name: str) -> SyncBox:
         return SyncBox(_run(self._runtime.get(id_or_name)))
@@ -165,8 +319,8 @@ class SyncBoxlite:
     def get_info(self, id_or_name: str) -> BoxInfo:
         return _run(self._runtime.get_info(id_or_name))
 
-    def list_info(self) -> list[BoxInfo]:
-        return _run(self._runtime.list_info())
+    def list_info(self, state: str | None = None) -> list[BoxInfo]:
+        return _run(self._runtime.list_info(state))
 
     def remove(self, id_or_name: str, force: bool = False) -> None:
         _run(self._runtime.remove(id_or_name, force))
@@ -176,6 +330,9 @@ class SyncBoxlite:
 
     def close(self) -> None:
         _run(self._runtime.close())
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        _run(self._runtime.shutdown(timeout))
 
     def __enter__(self) -> SyncBoxlite:
         return self
@@ -187,14 +344,35 @@ class SyncBoxlite:
 
 
 class SyncSimpleBox:
-    def __init__(self, image: str | None = None, **kwargs: Any) -> None:
-        self._inner = SimpleBox(image, **kwargs)
+    """Blocking twin of ``SimpleBox`` (same arguments): ``with SyncSimpleBox(...) as box:``."""
+
+    def __init__(self, image: str | None = None, *args: Any, **kwargs: Any) -> None:
+        runtime = kwargs.get("runtime")
+        if isinstance(runtime, SyncBoxlite):
+            kwargs["runtime"] = runtime.runtime
+        self._inner = self._make(image, *args, **kwargs)
+
+    @staticmethod
+    def _make(image: str | None, *args: Any, **kwargs: Any) -> SimpleBox:
+        return SimpleBox(image, *args, **kwargs)
 
     @property
     def id(self) -> str:
         return self._inner.id
 
-    def start(self) -> SyncSimpleBox:
+    @property
+    def name(self) -> str | None:
+        return self._inner.name
+
+    @property
+    def created(self) -> bool | None:
+        return self._inner.created
+
+    @property
+    def box(self) -> SyncBox:
+        return SyncBox(self._inner.box)
+
+    def start(self: _S) -> _S:
         _run(self._inner.start())
         return self
 
@@ -209,10 +387,34 @@ class SyncSimpleBox:
     ) -> ExecResult:
         return _run(self._inner.exec(cmd, *args, env=env, cwd=cwd, user=user, timeout=timeout))
 
+    def info(self) -> BoxInfo:
+        return _run(self._inner.info())
+
+    def metrics(self) -> BoxMetrics:
+        return _run(self._inner.metrics())
+
+    def copy_in(self, host_path: PathLike, box_path: str) -> None:
+        _run(self._inner.copy_in(host_path, box_path))
+
+    def copy_out(self, box_path: str, host_path: PathLike) -> None:
+        _run(self._inner.copy_out(box_path, host_path))
+
+    def read_file(self, path: str) -> bytes:
+        return _run(self._inner.read_file(path))
+
+    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        _run(self._inner.write_file(path, data, mode))
+
+    def list_dir(self, path: str) -> list[str]:
+        return _run(self._inner.list_dir(path))
+
+    def stop(self) -> None:
+        _run(self._inner.stop())
+
     def shutdown(self) -> None:
         _run(self._inner.shutdown())
 
-    def __enter__(self) -> SyncSimpleBox:
+    def __enter__(self: _S) -> _S:
         return self.start()
 
     def __exit__(
@@ -222,18 +424,33 @@ class SyncSimpleBox:
 
 
 class SyncCodeBox(SyncSimpleBox):
-    def __init__(self, image: str | None = None, **kwargs: Any) -> None:
-        self._inner = CodeBox(image, **kwargs)
-        self._code = self._inner
+    """Blocking twin of ``CodeBox``."""
+
+    _inner: CodeBox
+
+    @staticmethod
+    def _make(image: str | None, *args: Any, **kwargs: Any) -> SimpleBox:
+        return CodeBox(image, *args, **kwargs)
 
     def run(self, code: str, timeout: float | None = None) -> str:
-        return _run(self._code.run(code, timeout=timeout))
+        return _run(self._inner.run(code, timeout=timeout))
+
+    def run_script(self, script_path: PathLike, timeout: float | None = None) -> str:
+        return _run(self._inner.run_script(script_path, timeout=timeout))
 
     def install_package(self, name: str, timeout: float | None = None) -> str:
-        return _run(self._code.install_package(name, timeout=timeout))
+        return _run(self._inner.install_package(name, timeout=timeout))
 
-    def install_packages(self, names: list[str], timeout: float | None = None) -> str:
-        return _run(self._code.install_packages(names, timeout=timeout))
+    def install_packages(self, *names: str | Iterable[str], timeout: float | None = None) -> str:
+        return _run(self._inner.install_packages(*names, timeout=timeout))
 
 
-__all__ = ["SyncBox", "SyncBoxlite", "SyncCodeBox", "SyncExecution", "SyncSimpleBox"]
+__all__ = [
+    "SyncBox",
+    "SyncBoxlite",
+    "SyncCodeBox",
+    "SyncExecStdin",
+    "SyncExecution",
+    "SyncImages",
+    "SyncSimpleBox",
+]

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::drain::future_into_py;
 use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use pyo3_async_runtimes::tokio::future_into_py;
 use tokio::sync::Mutex;
 
 use crate::errors::IntoPyResult;

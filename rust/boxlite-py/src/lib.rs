@@ -3,8 +3,10 @@
 //! Every blocking or waiting call returns an awaitable driven by the tokio runtime, so no
 //! Python event loop is blocked and the GIL is not held while native work runs.
 
+mod drain;
 mod errors;
 mod exec;
+mod images;
 mod metrics;
 mod runtime;
 
@@ -38,6 +40,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(accelerator, m)?)?;
     m.add_function(wrap_pyfunction!(_raise_error, m)?)?;
     m.add_function(wrap_pyfunction!(_error_kinds, m)?)?;
+    let drain = wrap_pyfunction!(drain::_drain_at_exit, m)?;
+    m.add_function(drain.clone())?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (drain,))?;
     m.add_class::<runtime::Runtime>()?;
     m.add_class::<runtime::NativeBox>()?;
     m.add_class::<exec::NativeExecution>()?;
@@ -46,5 +53,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<exec::StdinWriter>()?;
     m.add_class::<metrics::RuntimeMetrics>()?;
     m.add_class::<metrics::BoxMetrics>()?;
+    m.add_class::<images::NativeImages>()?;
     Ok(())
 }

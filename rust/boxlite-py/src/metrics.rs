@@ -1,6 +1,29 @@
 //! Metrics as read-only Python objects.
 
+use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
+
+/// The iterator behind `await` on a value that is already there: it finishes at once with it.
+#[derive(Debug)]
+#[pyclass(frozen, module = "boxlite._native")]
+pub struct Ready(std::sync::Mutex<Option<PyObject>>);
+
+#[pymethods]
+impl Ready {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<()> {
+        let value = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut v| v.take())
+            .unwrap_or_else(|| py.None());
+        Err(PyStopIteration::new_err((value,)))
+    }
+}
 
 /// Runtime-wide counters; every read is live.
 #[derive(Debug)]
@@ -28,6 +51,20 @@ impl RuntimeMetrics {
     #[getter]
     fn total_run_errors(&self) -> u64 {
         self.0.total_run_errors()
+    }
+    /// The published package's name for `total_commands_run`.
+    #[getter]
+    fn total_commands_executed(&self) -> u64 {
+        self.0.total_commands_run()
+    }
+    /// The published package's name for `total_run_errors`.
+    #[getter]
+    fn total_exec_errors(&self) -> u64 {
+        self.0.total_run_errors()
+    }
+    /// `await runtime.metrics()` works too (the published package's `metrics()` is async).
+    fn __await__(slf: Py<Self>) -> Ready {
+        Ready(std::sync::Mutex::new(Some(slf.into_any())))
     }
     fn __repr__(&self) -> String {
         format!(
@@ -96,6 +133,16 @@ impl From<boxlite::BoxMetrics> for BoxMetrics {
 
 #[pymethods]
 impl BoxMetrics {
+    /// The published package's name for `commands_run_total`.
+    #[getter]
+    fn commands_executed_total(&self) -> u64 {
+        self.commands_run_total
+    }
+    /// The published package's name for `run_errors_total`.
+    #[getter]
+    fn exec_errors_total(&self) -> u64 {
+        self.run_errors_total
+    }
     fn __repr__(&self) -> String {
         format!(
             "BoxMetrics(commands_run_total={}, run_errors_total={}, bytes_sent_total={}, bytes_received_total={}, total_create_duration_ms={:?}, guest_boot_duration_ms={:?})",

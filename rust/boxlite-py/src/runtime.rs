@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::drain::future_into_py;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use pyo3_async_runtimes::tokio::future_into_py;
 
 use crate::errors::IntoPyResult;
 use crate::exec::NativeExecution;
@@ -35,7 +35,7 @@ pub struct Runtime(boxlite::BoxliteRuntime);
 #[pymethods]
 impl Runtime {
     #[new]
-    #[pyo3(signature = (home_dir=None, guest_dir=None, shim_path=None, boot_timeout_secs=None, stop_timeout_secs=None))]
+    #[pyo3(signature = (home_dir=None, guest_dir=None, shim_path=None, boot_timeout_secs=None, stop_timeout_secs=None, image_registries=Vec::new()))]
     fn new(
         py: Python<'_>,
         home_dir: Option<PathBuf>,
@@ -43,6 +43,7 @@ impl Runtime {
         shim_path: Option<PathBuf>,
         boot_timeout_secs: Option<f64>,
         stop_timeout_secs: Option<f64>,
+        image_registries: Vec<crate::images::RegistryTuple>,
     ) -> PyResult<Self> {
         let mut options = boxlite::BoxliteOptions::default();
         if let Some(home) = home_dir {
@@ -50,6 +51,7 @@ impl Runtime {
         }
         options.guest_dir = guest_dir;
         options.shim_path = shim_path;
+        options.image_registries = crate::images::registries(image_registries)?;
         if let Some(t) = seconds("boot_timeout", boot_timeout_secs)? {
             options.boot_timeout = t;
         }
@@ -70,6 +72,11 @@ impl Runtime {
 
     fn metrics(&self) -> RuntimeMetrics {
         RuntimeMetrics(self.0.metrics())
+    }
+
+    /// The image store of this home.
+    fn images(&self) -> crate::images::NativeImages {
+        crate::images::NativeImages(self.0.images())
     }
 
     /// The guest bundle directory boxes boot from.
@@ -200,6 +207,14 @@ impl NativeBox {
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = info_dict(py, py.allow_threads(|| self.0.info()))?;
         dict.set_item("dir", self.0.dir().to_path_buf())?;
+        let image = self.0.image_config();
+        let config = PyDict::new(py);
+        config.set_item("entrypoint", &image.entrypoint)?;
+        config.set_item("cmd", &image.cmd)?;
+        config.set_item("env", &image.env)?;
+        config.set_item("working_dir", &image.working_dir)?;
+        config.set_item("user", &image.user)?;
+        dict.set_item("image_config", config)?;
         Ok(dict)
     }
 

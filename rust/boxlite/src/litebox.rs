@@ -188,6 +188,12 @@ impl LiteBox {
         &self.inner.record.options
     }
 
+    /// The defaults the box's image gives its commands (Env, Entrypoint, Cmd, WorkingDir,
+    /// User), as recorded when the box was created.
+    pub fn image_config(&self) -> &crate::images::ImageConfig {
+        &self.inner.record.image_config
+    }
+
     pub fn status(&self) -> BoxStatus {
         self.refresh();
         self.inner

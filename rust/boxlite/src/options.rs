@@ -24,6 +24,10 @@ pub struct BoxliteOptions {
     /// Boxes booting at once; more wait their turn (a burst queues instead of thrashing).
     /// Default: the number of host CPUs.
     pub max_concurrent_boots: usize,
+    /// Registries: transport, TLS, credentials, and which are searched for short names
+    /// (before Docker Hub). Merged with `$BOXLITE_REGISTRIES` and `<home>/registries.json`.
+    #[serde(default)]
+    pub image_registries: Vec<crate::images::ImageRegistry>,
 }
 
 impl BoxliteOptions {
@@ -46,6 +50,7 @@ impl Default for BoxliteOptions {
             max_concurrent_boots: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            image_registries: Vec::new(),
         }
     }
 }
@@ -123,6 +128,9 @@ impl BoxOptions {
                     "image",
                     "give either image or rootfs_path, not both",
                 ))
+            }
+            (None, Some(image)) => {
+                crate::images::Reference::parse(image)?;
             }
             _ => {}
         }

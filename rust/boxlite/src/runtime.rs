@@ -10,7 +10,7 @@ use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use crate::disks::{create_overlay, lock_exclusive, BaseDiskStore};
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
 use crate::ids::BoxID;
-use crate::images::OciLayout;
+use crate::images::{ImageManager, OciLayout};
 use crate::litebox::{BoxInfo, BoxInner, BoxStatus, LiteBox};
 use crate::metrics::{RuntimeMetrics, StageTimings};
 use crate::options::{BoxOptions, BoxliteOptions};
@@ -33,6 +33,7 @@ pub(crate) struct RuntimeShared {
     pub store: StateStore,
     vm_env: OnceCell<VmEnv>,
     disks: BaseDiskStore,
+    images: ImageManager,
     boot_slots: Semaphore,
     /// Boxes with a live handle in this process, so `get` returns the same box.
     live: Mutex<HashMap<BoxID, Weak<BoxInner>>>,
@@ -113,6 +114,7 @@ impl BoxliteRuntime {
         std::fs::create_dir_all(home.join("boxes"))
             .ctx(|| format!("creating {}", home.display()))?;
         let disks = BaseDiskStore::new(&home.join("images"))?;
+        let images = ImageManager::open(home, &options.image_registries)?;
         let store = StateStore::open(&home.join("boxlite.db"))?;
         let boot_slots = Semaphore::new(options.max_concurrent_boots.max(1));
         let runtime = Self {
@@ -122,6 +124,7 @@ impl BoxliteRuntime {
                 store,
                 vm_env: OnceCell::new(),
                 disks,
+                images,
                 boot_slots,
                 live: Mutex::new(HashMap::new()),
             }),
@@ -176,6 +179,11 @@ impl BoxliteRuntime {
         &self.shared.options
     }
 
+    /// The images of this home: pull, list, get, remove, gc.
+    pub fn images(&self) -> ImageManager {
+        self.shared.images.clone()
+    }
+
     /// Runtime-wide counters (shared with every box of this runtime).
     pub fn metrics(&self) -> RuntimeMetrics {
         self.shared.metrics.clone()
@@ -228,20 +236,30 @@ impl BoxliteRuntime {
         stages.filesystem_setup_ms = Some(stage.elapsed().as_millis());
 
         let stage = Instant::now();
-        let (layout, image_name) = match (&options.rootfs_path, &options.image) {
-            (Some(path), _) => (OciLayout::open(path)?, path.display().to_string()),
-            (None, Some(reference)) => {
-                return Err(BoxliteError::Unsupported(format!(
-                    "pulling {reference:?} from a registry is not available yet; use rootfs_path with an OCI image layout"
-                )))
+        // Holds off image GC until the overlay references the base disk.
+        let images_hold = self.shared.images.hold().await?;
+        let (layout, resolved, image_name) = match (&options.rootfs_path, &options.image) {
+            (Some(path), _) => {
+                let layout = OciLayout::open(path)?;
+                let resolved = {
+                    let layout = layout.clone();
+                    tokio::task::spawn_blocking(move || layout.resolve(None))
+                        .await
+                        .map_err(|e| BoxliteError::Internal(format!("image task failed: {e}")))??
+                };
+                (layout, resolved, path.display().to_string())
             }
-            (None, None) => return Err(BoxliteError::invalid("rootfs_path", "give an OCI image layout directory")),
-        };
-        let resolved = {
-            let layout = layout.clone();
-            tokio::task::spawn_blocking(move || layout.resolve(None))
-                .await
-                .map_err(|e| BoxliteError::Internal(format!("image task failed: {e}")))??
+            // A cached image is used without any network call; a missing one is pulled.
+            (None, Some(reference)) => {
+                let image = self.shared.images.prepare(reference).await?;
+                (image.layout, image.resolved, image.reference)
+            }
+            (None, None) => {
+                return Err(BoxliteError::invalid(
+                    "rootfs_path",
+                    "give an OCI image layout directory",
+                ))
+            }
         };
         stages.image_prepare_ms = Some(stage.elapsed().as_millis());
 
@@ -252,6 +270,7 @@ impl BoxliteRuntime {
             self.shared.disks.ensure(&layout, &resolved, &env).await?
         };
         create_overlay(&base.path, &dir.join("disk.qcow2"), options.disk_size).await?;
+        drop(images_hold);
         stages.guest_rootfs_ms = Some(stage.elapsed().as_millis());
 
         let record = BoxRecord {

@@ -1,10 +1,22 @@
-//! Images: OCI image layouts on disk, their configs and layers.
+//! Images: OCI image layouts on disk, their configs and layers; references, registries, the
+//! content store that pulled images live in, and its garbage collector.
 
 mod config;
 mod digest;
+mod gc;
 mod layout;
+mod manager;
+mod pull;
+mod reference;
+mod registry;
+mod store;
 
 pub(crate) use config::merge_env;
 pub use config::ImageConfig;
 pub use digest::Digest;
+pub use gc::GcReport;
 pub use layout::{LayerCompression, LayerRef, OciLayout, ResolvedImage};
+pub use manager::{ImageInfo, ImageManager};
+pub use pull::{ProgressFn, PullProgress};
+pub use reference::Reference;
+pub use registry::{ImageRegistry, Transport, REGISTRIES_ENV, REGISTRIES_FILE};

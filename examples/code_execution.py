@@ -1,0 +1,35 @@
+"""Run untrusted Python in a box: CodeBox returns stdout and raises on failure.
+
+python examples/code_execution.py
+"""
+
+import asyncio
+import os
+
+import boxlite
+
+# A local OCI image layout with python3, so the example runs offline (`python
+# tests/python_image.py` builds one); with a registry at hand, drop rootfs_path and CodeBox
+# uses python:slim.
+PYTHON_IMAGE = os.environ.get("BOXLITE_EXAMPLE_PYTHON_IMAGE", "build/images/python-slim")
+
+
+async def main() -> None:
+    # Without rootfs_path, CodeBox uses the python:slim image from a registry.
+    async with boxlite.CodeBox(rootfs_path=PYTHON_IMAGE) as codebox:
+        print(await codebox.run("import sys; print(sys.version.split()[0])"), end="")
+        print(await codebox.run("print(sum(i * i for i in range(10)))"), end="")
+
+        try:
+            await codebox.run("raise ValueError('bad input')")
+        except boxlite.ExecError as e:
+            print("failed with exit code", e.exit_code, "->", e.stderr.strip().splitlines()[-1])
+
+        try:
+            await codebox.run("while True: pass", timeout=2)
+        except boxlite.ExecTimeoutError:
+            print("the endless loop was killed after 2 s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,420 @@
+//! Image references in the distribution grammar, normalized the way Docker does it.
+//!
+//! ```text
+//! reference  := name [ ":" tag ] [ "@" digest ]
+//! name       := [ domain "/" ] path-component [ "/" path-component ]*
+//! domain     := host [ ":" port ]          (host: DNS name, IPv4, or [IPv6])
+//! path-comp  := [a-z0-9]+ ( ( "." | "_" | "__" | "-"+ ) [a-z0-9]+ )*
+//! tag        := [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}
+//! digest     := "sha256:" 64 lowercase hex digits
+//! ```
+//!
+//! The first component is a registry only if it contains a `.` or a `:`, is `localhost`, or
+//! has an uppercase letter (Docker's rule); otherwise the name is *short* and belongs to
+//! Docker Hub: `alpine` is `docker.io/library/alpine:latest`. Short names can also be searched
+//! for in configured registries (see `registry.rs`), which is why the parser remembers whether
+//! the user gave a registry at all.
+
+use std::fmt;
+
+use super::digest::Digest;
+use crate::error::{BoxliteError, BoxliteResult};
+
+/// The registry of short names.
+pub const DOCKER_HUB: &str = "docker.io";
+const DOCKER_HUB_ALIASES: &[&str] = &["index.docker.io", "registry-1.docker.io"];
+const MAX_NAME_LEN: usize = 255;
+const MAX_TAG_LEN: usize = 128;
+
+/// A parsed, normalized image reference: `registry/repository[:tag][@digest]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reference {
+    registry: String,
+    repository: String,
+    tag: Option<String>,
+    digest: Option<Digest>,
+    /// Whether the text named its registry (else short-name search applies).
+    qualified: bool,
+}
+
+impl Reference {
+    /// Parses `text`; a malformed reference is an `InvalidArgument` error that quotes it.
+    pub fn parse(text: &str) -> BoxliteResult<Self> {
+        parse(text).map_err(|why| {
+            BoxliteError::invalid(
+                "image",
+                format!("{text:?} is not a valid image reference: {why}"),
+            )
+        })
+    }
+
+    /// The registry host (with port), normalized: Docker Hub is always `docker.io`.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// The repository path inside the registry (`library/alpine`).
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// The tag; `latest` when the text gave neither tag nor digest.
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    pub fn digest(&self) -> Option<&Digest> {
+        self.digest.as_ref()
+    }
+
+    /// Whether the text named a registry; a short name (`alpine`, `library/alpine`) did not.
+    pub fn is_qualified(&self) -> bool {
+        self.qualified
+    }
+
+    /// The same name and version in another registry (for short-name search): the
+    /// repository is kept as Docker Hub would resolve it (`library/alpine`), which is how
+    /// registry mirrors serve it.
+    pub fn in_registry(&self, registry: &str) -> Self {
+        Self {
+            registry: normalize_registry(registry),
+            qualified: true,
+            ..self.clone()
+        }
+    }
+
+    /// What is asked of the registry: the digest if pinned, else the tag.
+    pub fn version(&self) -> String {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => "latest".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Reference {
+    type Err = BoxliteError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// `index.docker.io` and friends are Docker Hub; everything else is kept as written.
+pub(crate) fn normalize_registry(host: &str) -> String {
+    if DOCKER_HUB_ALIASES.contains(&host) {
+        DOCKER_HUB.to_owned()
+    } else {
+        host.to_owned()
+    }
+}
+
+fn parse(text: &str) -> Result<Reference, String> {
+    if text.is_empty() {
+        return Err("it is empty".into());
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it contains whitespace or control characters".into());
+    }
+    let (rest, digest) = match text.split_once('@') {
+        Some((rest, digest)) => (rest, Some(parse_digest(digest)?)),
+        None => (text, None),
+    };
+    // A tag follows the last ':' that comes after the last '/' (a ':' before it is a port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => {
+            let (name, tag) = (&rest[..last_slash + i], &rest[last_slash + i + 1..]);
+            validate_tag(tag)?;
+            (name, Some(tag.to_owned()))
+        }
+        None => (rest, None),
+    };
+    if name.is_empty() {
+        return Err("the name is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("the name is longer than {MAX_NAME_LEN} characters"));
+    }
+    let (domain, path) = split_domain(name);
+    if let Some(domain) = domain {
+        validate_domain(domain)?;
+    }
+    for component in path.split('/') {
+        validate_path_component(component)?;
+    }
+    let qualified = domain.is_some();
+    let registry = normalize_registry(domain.unwrap_or(DOCKER_HUB));
+    let repository = if registry == DOCKER_HUB && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path.to_owned()
+    };
+    let tag = if tag.is_none() && digest.is_none() {
+        Some("latest".to_owned())
+    } else {
+        tag
+    };
+    Ok(Reference {
+        registry,
+        repository,
+        tag,
+        digest,
+        qualified,
+    })
+}
+
+/// Docker's rule: the first component is a domain if it has a '.' or ':', is `localhost`,
+/// or has an uppercase letter (repository names never do).
+fn split_domain(name: &str) -> (Option<&str>, &str) {
+    match name.split_once('/') {
+        Some((first, rest))
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.chars().any(|c| c.is_ascii_uppercase()) =>
+        {
+            (Some(first), rest)
+        }
+        _ => (None, name),
+    }
+}
+
+fn parse_digest(text: &str) -> Result<Digest, String> {
+    let Some((algorithm, hex)) = text.split_once(':') else {
+        return Err(format!("digest {text:?} has no algorithm"));
+    };
+    let valid_algorithm = !algorithm.is_empty()
+        && algorithm
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
+    if !valid_algorithm || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("digest {text:?} is malformed"));
+    }
+    if algorithm != "sha256" {
+        return Err(format!(
+            "digest algorithm {algorithm:?} is not supported (only sha256)"
+        ));
+    }
+    Digest::parse(text).map_err(|_| format!("digest {text:?} is not 64 lowercase hex digits"))
+}
+
+fn validate_tag(tag: &str) -> Result<(), String> {
+    let mut chars = tag.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok || tag.len() > MAX_TAG_LEN {
+        return Err(format!(
+            "tag {tag:?} must be 1-{MAX_TAG_LEN} letters, digits, '_', '.' or '-', not starting with '.' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_domain(domain: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("registry {domain:?} {why}"));
+    let (host, port) = if let Some(rest) = domain.strip_prefix('[') {
+        // [IPv6]:port
+        let Some((ip, after)) = rest.split_once(']') else {
+            return bad("has an unclosed '['");
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad("is not a valid IPv6 address");
+        }
+        match after {
+            "" => (None, None),
+            p if p.starts_with(':') => (None, Some(&p[1..])),
+            _ => return bad("has characters after ']'"),
+        }
+    } else {
+        match domain.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(domain), None),
+        }
+    };
+    if let Some(port) = port {
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5 {
+            return bad("has an invalid port");
+        }
+    }
+    if let Some(host) = host {
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !c.starts_with('-')
+                && !c.ends_with('-')
+        };
+        if !host.split('.').all(component_ok) {
+            return bad("is not a valid host name");
+        }
+    }
+    Ok(())
+}
+
+fn validate_path_component(component: &str) -> Result<(), String> {
+    let bad = || {
+        Err(format!(
+            "repository component {component:?} must be lowercase letters and digits, separated by '.', '_', '__' or '-'"
+        ))
+    };
+    if component.is_empty() {
+        return Err("the repository has an empty component".into());
+    }
+    let bytes = component.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return bad();
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: ".", "_", "__" or "-"+, followed by an alphanumeric.
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &component[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-');
+        if !ok {
+            return bad();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(text: &str) -> String {
+        Reference::parse(text).unwrap().to_string()
+    }
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn short_names_belong_to_docker_hub() {
+        assert_eq!(norm("alpine"), "docker.io/library/alpine:latest");
+        assert_eq!(norm("alpine:3.20"), "docker.io/library/alpine:3.20");
+        assert_eq!(norm("library/alpine"), "docker.io/library/alpine:latest");
+        assert_eq!(norm("bitnami/redis:7"), "docker.io/bitnami/redis:7");
+        assert_eq!(
+            norm("docker.io/library/alpine:latest"),
+            "docker.io/library/alpine:latest"
+        );
+        assert_eq!(norm("docker.io/alpine"), "docker.io/library/alpine:latest");
+        assert_eq!(
+            norm("index.docker.io/alpine"),
+            "docker.io/library/alpine:latest"
+        );
+        assert!(!Reference::parse("alpine").unwrap().is_qualified());
+        assert!(!Reference::parse("library/alpine").unwrap().is_qualified());
+        assert!(Reference::parse("docker.io/alpine").unwrap().is_qualified());
+    }
+
+    #[test]
+    fn registries_with_ports_digests_and_tags() {
+        let r = Reference::parse("127.0.0.1:5000/x/y:tag").unwrap();
+        assert_eq!(
+            (r.registry(), r.repository(), r.tag()),
+            ("127.0.0.1:5000", "x/y", Some("tag"))
+        );
+        assert!(r.is_qualified());
+        assert_eq!(norm("localhost/app"), "localhost/app:latest");
+        assert_eq!(norm("localhost:5000/app"), "localhost:5000/app:latest");
+        assert_eq!(norm("[::1]:5000/app:v1"), "[::1]:5000/app:v1");
+        // An uppercase first component can only be a host (Docker's rule).
+        assert_eq!(norm("Registry/app"), "Registry/app:latest");
+
+        let pinned = format!("ghcr.io/org/app@sha256:{HEX}");
+        let r = Reference::parse(&pinned).unwrap();
+        assert_eq!(r.registry(), "ghcr.io");
+        assert_eq!(r.repository(), "org/app");
+        assert_eq!(r.tag(), None);
+        assert_eq!(r.digest().unwrap().hex(), HEX);
+        assert_eq!(r.to_string(), pinned);
+        assert_eq!(r.version(), format!("sha256:{HEX}"));
+
+        let both = format!("alpine:3.20@sha256:{HEX}");
+        let r = Reference::parse(&both).unwrap();
+        assert_eq!(r.tag(), Some("3.20"));
+        assert_eq!(r.version(), format!("sha256:{HEX}"));
+        assert_eq!(
+            r.to_string(),
+            format!("docker.io/library/alpine:3.20@sha256:{HEX}")
+        );
+    }
+
+    #[test]
+    fn separators_follow_the_grammar() {
+        for good in ["a.b", "a_b", "a__b", "a-b", "a---b", "a1/b2/c3", "x.y-z_w"] {
+            Reference::parse(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "a___b", "a..b", "a._b", "-a", "a-", "_a", "a/", "/a", "a//b",
+        ] {
+            assert!(Reference::parse(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn search_registries_keep_the_docker_path() {
+        let r = Reference::parse("alpine").unwrap();
+        let mirrored = r.in_registry("127.0.0.1:5000");
+        assert_eq!(mirrored.to_string(), "127.0.0.1:5000/library/alpine:latest");
+        assert!(mirrored.is_qualified());
+    }
+
+    #[test]
+    fn malformed_references_are_invalid_arguments_quoting_them() {
+        for bad in [
+            "",
+            "Alpine",
+            "alpine:",
+            "alpine:-x",
+            "alpine:a b",
+            "host:port/x",
+            "alpine@sha256:abc",
+            "alpine@md5:0123456789abcdef0123456789abcdef",
+            "registry.io:/x",
+            "a b",
+            "exa_mple.com/x",
+            "[::1/x",
+            ":tag",
+            "@sha256:0",
+        ] {
+            let err = Reference::parse(bad).expect_err(bad);
+            match &err {
+                BoxliteError::InvalidArgument { field, reason } => {
+                    assert_eq!(field, "image");
+                    assert!(reason.contains(&format!("{bad:?}")), "{reason}");
+                }
+                other => panic!("{bad}: {other}"),
+            }
+        }
+        let long = format!("a{}", "b".repeat(300));
+        assert!(Reference::parse(&long).is_err());
+        let long_tag = format!("a:{}", "t".repeat(129));
+        assert!(Reference::parse(&long_tag).is_err());
+        // Only sha256 is stored; other algorithms say so.
+        let err = Reference::parse(&format!("a@sha512:{HEX}{HEX}")).unwrap_err();
+        assert!(err.to_string().contains("only sha256"), "{err}");
+    }
+}

@@ -1,0 +1,93 @@
+"""Every script in examples/ runs as it is, against local images, and says what it should."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from python_image import python_layout
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+# What each example must print (in order) when it works.
+EXPECTED = {
+    "simple_exec.py": [
+        "kernel: Linux ",
+        "hello from /tmp",
+        "exit code 3, stderr 'oops'",
+        "timed out: `sleep 60` timed out after 1s",
+        "(hardware isolated: ",
+    ],
+    "streaming.py": [
+        "got: tick 1",
+        "got: tick 2",
+        "got: tick 3",
+        "exit code: 0",
+        "upper-cased: STREAMED THROUGH A VM",
+        "binary bytes: 100000",
+        "the sleep was killed",
+    ],
+    "files.py": [
+        "hello from a script",
+        "listing: ['hello.sh']",
+        "passwd starts with: root:x:0:0:",
+        "sorted on the host: ['1', '2', '3']",
+    ],
+    "code_execution.py": [
+        "3.11",
+        "285",
+        "failed with exit code 1 -> ValueError: bad input",
+        "the endless loop was killed",
+    ],
+    "sync_notebook.py": [
+        "hello from a notebook cell",
+        "kept in the box",
+        "streamed: one",
+        "streamed: two",
+        "exit code: 0",
+    ],
+    "many_boxes.py": ["box 0 1", "box 1 1", "box 2 1", "boxes created: 3, commands run: 3"],
+}
+
+
+def test_every_example_is_covered() -> None:
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs_as_is(name: str, home: Path, image_layout: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOXLITE_")}
+    env.update(
+        BOXLITE_HOME=str(home),
+        BOXLITE_EXAMPLE_IMAGE=str(image_layout),
+        BOXLITE_EXAMPLE_PYTHON_IMAGE=str(python_layout()),
+    )
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    position = 0
+    for needle in EXPECTED[name]:
+        found = out.stdout.find(needle, position)
+        assert found >= 0, f"{needle!r} missing (in order) from:\n{out.stdout}"
+        position = found + len(needle)
+    # Examples clean up after themselves: no box is left in the home.
+    listed = subprocess.run(
+        [sys.executable, "-m", "boxlite", "--home", str(home), "ps", "-a", "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert listed.stdout == ""
