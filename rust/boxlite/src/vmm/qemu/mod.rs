@@ -71,10 +71,10 @@ impl QemuEngine {
             Accel::Tcg => "max",
             Accel::Kvm | Accel::Hvf => "host",
         };
-        // TCG's translation cache grows with what the guest runs; 64 MiB keeps an idle box's
-        // footprint down at no measurable boot cost (docs/benchmarks.md).
+        // TCG's translation cache grows with what the guest runs (~52 MiB after a boot); 32 MiB
+        // keeps an idle box's footprint down at no measurable boot cost (docs/benchmarks.md).
         let accel = match config.accel {
-            Accel::Tcg => "tcg,tb-size=64",
+            Accel::Tcg => "tcg,tb-size=32",
             other => other.qemu_name(),
         };
         push(&["-name", &config.name]);
@@ -237,7 +237,7 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains("-accel tcg,tb-size=64 -cpu max"));
+        assert!(joined.contains("-accel tcg,tb-size=32 -cpu max"));
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("-nodefaults"));
         assert!(joined.contains("file=/h/a,,b.qcow2,if=none,id=disk0,format=qcow2,cache=writeback"));
