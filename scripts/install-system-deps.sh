@@ -41,11 +41,15 @@ fi
 echo "installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-packages=("${missing[@]}")
 # qemu-system-x86 conflicts with a newer backported qemu-utils: take both from the release.
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-if printf '%s\n' "${packages[@]}" | grep -qx 'qemu-system-x86' && [ -n "$codename" ]; then
-  packages=("${packages[@]/qemu-utils/}")
+packages=()
+for p in "${missing[@]}"; do
+  [ "$p" = qemu-utils ] || packages+=("$p")
+done
+if printf '%s\n' "${missing[@]}" | grep -qx 'qemu-system-x86' && [ -n "$codename" ]; then
   packages+=("qemu-utils/$codename")
+elif printf '%s\n' "${missing[@]}" | grep -qx 'qemu-utils'; then
+  packages+=(qemu-utils)
 fi
 apt-get install -y -qq --no-install-recommends --allow-downgrades kmod file "${packages[@]}"
