@@ -180,6 +180,9 @@ pub fn mount_root(cfg: &BootConfig) -> Result<Vec<PathBuf>, String> {
         .map_err(|e| format!("mounting {dev} (ext4) on {ROOT}: {e}"))?;
     let mut mounted = vec![root.to_path_buf()];
     if cfg.mode == Mode::Unpack {
+        // A fresh base disk starts as the image's root: mkfs's empty lost+found is not part
+        // of any image (e2fsck recreates it when it needs one).
+        let _ = std::fs::remove_dir(root.join("lost+found"));
         return Ok(mounted);
     }
     if let Err(e) = grow_root(dev, root) {
