@@ -128,7 +128,7 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
     let mut channel = client.open(Message::CopyOut {
         path: src.to_string(),
     })?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let staging_path = staging.path().to_path_buf();
     let expected = source_name.clone();
     let extractor = tokio::task::spawn_blocking(move || {
@@ -148,9 +148,8 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
             Ok(ChannelEvent::Data(stream, data)) => {
                 let len = data.len();
                 if let Some(sender) = &tx {
-                    let sender = sender.clone();
                     // The extractor may have stopped on a bad entry; the error comes from it.
-                    let _ = tokio::task::spawn_blocking(move || sender.send(data)).await;
+                    let _ = sender.send(data).await;
                 }
                 channel.handle.credit(stream, len);
             }
@@ -287,7 +286,7 @@ impl Write for ChunkWriter {
 
 /// A `Read` over chunks arriving from the async side.
 struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -295,12 +294,12 @@ struct ChunkReader {
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
                     self.buf = chunk;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                None => return Ok(0),
             }
         }
         let n = out.len().min(self.buf.len() - self.pos);
