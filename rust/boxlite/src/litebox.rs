@@ -275,7 +275,7 @@ impl LiteBox {
             return Err(self.wrong_state(status, "start"));
         }
         let _slot = self.inner.runtime.boot_slot().await?;
-        self.set_state(BoxStatus::Starting, None);
+        self.set_status(BoxStatus::Starting);
         match self.boot().await {
             Ok(conn) => {
                 let running = (conn.shim, self.engine_pid());
@@ -301,7 +301,7 @@ impl LiteBox {
                 Ok(())
             }
             Err(e) => {
-                self.set_state(BoxStatus::Failed, None);
+                self.set_status(BoxStatus::Failed);
                 let _ = self
                     .inner
                     .runtime
@@ -397,7 +397,7 @@ impl LiteBox {
         let Some(shim) = shim.filter(|_| status == BoxStatus::Running) else {
             return Ok(());
         };
-        self.set_state(BoxStatus::Stopping, None);
+        self.set_status(BoxStatus::Stopping);
         let client = match conn {
             Some(conn) => Some(conn.client.clone()),
             None => shim::connect(&socket_path(
@@ -584,12 +584,9 @@ impl LiteBox {
         &self.inner.dir
     }
 
-    fn set_state(&self, status: BoxStatus, conn: Option<Arc<Connection>>) {
+    fn set_status(&self, status: BoxStatus) {
         if let Ok(mut state) = self.inner.state.lock() {
             state.status = status;
-            if conn.is_some() {
-                state.conn = conn;
-            }
         }
     }
 
