@@ -19,6 +19,7 @@ mod copy;
 mod disks;
 mod error;
 mod exec;
+mod fsutil;
 mod ids;
 pub mod images;
 mod litebox;
@@ -29,6 +30,7 @@ mod runtime;
 #[doc(hidden)]
 pub mod shim;
 mod state;
+mod sys;
 mod units;
 mod vm;
 pub mod vmm;

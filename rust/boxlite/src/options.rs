@@ -152,7 +152,7 @@ impl BoxOptions {
                 format!("{} is below the minimum of {MIN_MEMORY}", self.memory),
             ));
         }
-        if let Some(host) = host_memory() {
+        if let Some(host) = crate::sys::host_memory() {
             if self.memory > host {
                 return Err(BoxliteError::invalid(
                     "memory",
@@ -228,20 +228,6 @@ fn validate_name(name: &str) -> BoxliteResult<()> {
         ));
     }
     Ok(())
-}
-
-/// Total RAM of this host, from /proc/meminfo.
-fn host_memory() -> Option<Bytes> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Bytes::from_kib(kib))
 }
 
 #[cfg(test)]

@@ -72,13 +72,7 @@ impl GuardedChild {
         unsafe {
             command.pre_exec(move || {
                 if die_with_parent {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent may already be gone (the signal was armed too late).
-                    if libc::getppid() == 1 {
-                        return Err(std::io::Error::other("parent exited"));
-                    }
+                    crate::sys::die_with_parent_in_child()?;
                 }
                 libc::setsid();
                 Ok(())

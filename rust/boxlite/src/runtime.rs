@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
-use crate::disks::{create_overlay, lock_exclusive, BaseDiskStore};
+use crate::disks::{create_overlay, BaseDiskStore};
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use crate::fsutil::{FileLock, LockMode};
 use crate::ids::BoxID;
 use crate::images::{ImageManager, OciLayout};
 use crate::litebox::{BoxInfo, BoxInner, BoxStatus, LiteBox};
@@ -81,8 +82,8 @@ impl RuntimeShared {
     }
 
     /// The cross-process lock of one box (held during create, start, stop and remove).
-    pub async fn lock_box(&self, dir: &Path) -> BoxliteResult<std::fs::File> {
-        lock_exclusive(dir.join("lock")).await
+    pub async fn lock_box(&self, dir: &Path) -> BoxliteResult<FileLock> {
+        FileLock::acquire(dir.join("lock"), LockMode::Exclusive).await
     }
 
     pub fn forget(&self, id: &BoxID) {
@@ -161,7 +162,7 @@ impl BoxliteRuntime {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name)
                     && BoxID::is_valid(&name)
-                    && !lock_is_held(&entry.path().join("lock"))
+                    && !FileLock::is_held(&entry.path().join("lock"))
                 {
                     tracing::info!(dir = %entry.path().display(), "removing a half-created box");
                     let _ = std::fs::remove_dir_all(entry.path());
@@ -372,14 +373,4 @@ impl Drop for HalfCreated<'_> {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-}
-
-/// Whether another process holds the lock file (a creation in progress).
-fn lock_is_held(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
-        return false;
-    };
-    // SAFETY: flock on a descriptor we own; a successful probe is released at close.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }

@@ -22,23 +22,13 @@ pub struct ProcessId {
 
 impl ProcessId {
     pub fn of(pid: u32) -> Option<Self> {
-        proc_stat(pid).map(|(start_time, _)| Self { pid, start_time })
+        crate::sys::process_start(pid).map(|(start_time, _)| Self { pid, start_time })
     }
 
     /// Alive, not a zombie, and the same process that was recorded.
     pub fn is_alive(&self) -> bool {
-        matches!(proc_stat(self.pid), Some((start, state)) if start == self.start_time && state != 'Z')
+        matches!(crate::sys::process_start(self.pid), Some((start, zombie)) if start == self.start_time && !zombie)
     }
-}
-
-fn proc_stat(pid: u32) -> Option<(u64, char)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    let start_time = fields.get(19)?.parse().ok()?;
-    Some((start_time, state))
 }
 
 /// Everything recorded about one box.

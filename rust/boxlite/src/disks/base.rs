@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use super::tools::{find_tool, run_tool};
 use crate::agent::ChannelEvent;
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use crate::fsutil::{sync_dir, write_atomically, FileLock, LockMode};
 use crate::images::{ImageConfig, OciLayout, ResolvedImage};
 use crate::units::Bytes;
 use crate::vm::{launch, socket_path, VmEnv};
@@ -76,7 +77,7 @@ impl BaseDiskStore {
             .root
             .join("locks")
             .join(format!("{}.lock", image.manifest_digest.hex()));
-        let _lock = lock_exclusive(lock_path).await?;
+        let _lock = FileLock::acquire(lock_path, LockMode::Exclusive).await?;
         // Someone else may have built it while we waited for the lock.
         if found.path.is_file() {
             return Ok(found);
@@ -269,52 +270,8 @@ async fn apply_layers(
     Ok(())
 }
 
-/// Takes an exclusive `flock` on `path`, waiting off the async threads; released on drop
-/// (and by the kernel if the process dies).
-pub(crate) async fn lock_exclusive(path: PathBuf) -> BoxliteResult<std::fs::File> {
-    tokio::task::spawn_blocking(move || {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .ctx(|| format!("opening lock {}", path.display()))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(BoxliteError::io(
-                format!("locking {}", path.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(file)
-    })
-    .await
-    .map_err(|e| BoxliteError::Internal(format!("lock task failed: {e}")))?
-}
-
-/// Writes `data` to a temporary sibling, syncs it and renames it over `path`.
-pub(crate) fn write_atomically(path: &Path, data: &[u8]) -> BoxliteResult<()> {
-    let tmp = path.with_extension(format!("tmp.{}", ulid::Ulid::new()));
-    let result = (|| {
-        std::fs::write(&tmp, data).ctx(|| format!("writing {}", tmp.display()))?;
-        sync_file(&tmp)?;
-        std::fs::rename(&tmp, path).ctx(|| format!("renaming into {}", path.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 fn sync_file(path: &Path) -> BoxliteResult<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .ctx(|| format!("syncing {}", path.display()))
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
 }

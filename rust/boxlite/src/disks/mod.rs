@@ -5,5 +5,5 @@ mod base;
 mod overlay;
 mod tools;
 
-pub(crate) use base::{lock_exclusive, BaseDiskStore};
+pub(crate) use base::BaseDiskStore;
 pub(crate) use overlay::create_overlay;

@@ -15,8 +15,9 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 
 use super::digest::Digest;
-use super::store::{lock_is_free, ContentStore, INDEX_DIGEST};
+use super::store::{ContentStore, INDEX_DIGEST};
 use crate::error::BoxliteResult;
+use crate::fsutil::FileLock;
 
 /// Base-disk build leftovers older than this are removed (younger ones may be in progress in
 /// a process that does not take the GC lock).
@@ -210,7 +211,7 @@ pub(crate) fn collect(
                     .strip_prefix("sha256-")
                     .and_then(|r| r.split('.').next());
                 hex.is_none_or(|hex| {
-                    lock_is_free(&store.locks_dir().join(format!("blob-{hex}.lock")))
+                    !FileLock::is_held(&store.locks_dir().join(format!("blob-{hex}.lock")))
                 })
             } else {
                 file.metadata()
@@ -242,7 +243,7 @@ pub(crate) fn collect(
             } else {
                 false
             };
-            if gone && lock_is_free(&file.path()) {
+            if gone && !FileLock::is_held(&file.path()) {
                 let _ = std::fs::remove_file(file.path());
             }
         }

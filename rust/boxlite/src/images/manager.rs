@@ -14,8 +14,9 @@ use super::layout::{OciLayout, ResolvedImage};
 use super::pull::{pull, ProgressFn};
 use super::reference::Reference;
 use super::registry::{ImageRegistry, Registries};
-use super::store::{ContentStore, Descriptor, StoreLock, INDEX_DIGEST, PULLED_AT};
+use super::store::{ContentStore, Descriptor, INDEX_DIGEST, PULLED_AT};
 use crate::error::{BoxliteError, BoxliteResult};
+use crate::fsutil::FileLock;
 
 /// An image in the local store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +215,7 @@ impl ImageManager {
     }
 
     /// Holds off garbage collection (shared lock) while a box is being made from an image.
-    pub(crate) async fn hold(&self) -> BoxliteResult<StoreLock> {
+    pub(crate) async fn hold(&self) -> BoxliteResult<FileLock> {
         self.inner.store.lock_gc(false).await
     }
 

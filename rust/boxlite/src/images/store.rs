@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use super::digest::Digest;
 use super::layout::OciLayout;
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use crate::fsutil::{sync_dir, write_atomically, FileLock, LockMode, RemoveOnDrop};
 
 /// The annotation that names an image in an OCI layout's index.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -84,12 +85,6 @@ pub(crate) enum Committed {
     Written,
 }
 
-/// A held lock (shared or exclusive) released on drop.
-#[derive(Debug)]
-pub struct StoreLock {
-    _file: std::fs::File,
-}
-
 impl ContentStore {
     /// Opens (creating) `<images>/store` as an OCI layout, with `ingest/` and `locks/` beside it.
     pub fn open(images_dir: &Path) -> BoxliteResult<Self> {
@@ -115,7 +110,8 @@ impl ContentStore {
                 media_type: INDEX_MEDIA_TYPE.into(),
                 manifests: vec![],
             };
-            let _lock = store.lock_index_blocking()?;
+            let _lock =
+                FileLock::acquire_blocking(&store.locks.join("index.lock"), LockMode::Exclusive)?;
             if !store.index_path().is_file() {
                 store.write_index(&empty)?;
             }
@@ -212,7 +208,7 @@ impl ContentStore {
             return Ok(Committed::Present);
         }
         let _lock = self
-            .lock(format!("blob-{}.lock", digest.hex()), libc::LOCK_EX)
+            .lock(format!("blob-{}.lock", digest.hex()), LockMode::Exclusive)
             .await?;
         if self.has_blob(digest) {
             return Ok(Committed::Present);
@@ -292,7 +288,7 @@ impl ContentStore {
         }
         let target = self.blob_path(digest);
         std::fs::rename(&partial, &target).ctx(|| format!("committing {}", target.display()))?;
-        std::mem::forget(guard);
+        guard.disarm();
         sync_dir(&self.root.join("blobs").join("sha256"));
         Ok(Committed::Written)
     }
@@ -356,7 +352,7 @@ impl ContentStore {
         &self,
         edit: impl FnOnce(&mut Vec<Descriptor>) -> bool,
     ) -> BoxliteResult<()> {
-        let _lock = self.lock("index.lock".into(), libc::LOCK_EX).await?;
+        let _lock = self.lock("index.lock".into(), LockMode::Exclusive).await?;
         let mut entries = self.entries()?;
         if edit(&mut entries) {
             self.write_index(&Index {
@@ -371,96 +367,26 @@ impl ContentStore {
     fn write_index(&self, index: &Index) -> BoxliteResult<()> {
         let data = serde_json::to_vec_pretty(index)
             .map_err(|e| BoxliteError::Internal(format!("serializing index.json: {e}")))?;
-        write_atomically(&self.index_path(), &data)?;
-        sync_dir(&self.root);
-        Ok(())
-    }
-
-    fn lock_index_blocking(&self) -> BoxliteResult<std::fs::File> {
-        flock_blocking(&self.locks.join("index.lock"), libc::LOCK_EX)
+        write_atomically(&self.index_path(), &data)
     }
 
     /// The lock every writer of the store holds shared; GC holds it exclusively.
-    pub async fn lock_gc(&self, exclusive: bool) -> BoxliteResult<StoreLock> {
-        let op = if exclusive {
-            libc::LOCK_EX
+    pub async fn lock_gc(&self, exclusive: bool) -> BoxliteResult<FileLock> {
+        let mode = if exclusive {
+            LockMode::Exclusive
         } else {
-            libc::LOCK_SH
+            LockMode::Shared
         };
-        self.lock("gc.lock".into(), op).await
+        self.lock("gc.lock".into(), mode).await
     }
 
-    /// Takes `op` on `locks/<name>`, waiting off the async threads.
-    async fn lock(&self, name: String, op: libc::c_int) -> BoxliteResult<StoreLock> {
-        let path = self.locks.join(name);
-        let file = tokio::task::spawn_blocking(move || flock_blocking(&path, op))
-            .await
-            .map_err(|e| BoxliteError::Internal(format!("lock task failed: {e}")))??;
-        Ok(StoreLock { _file: file })
+    /// Takes `locks/<name>` in `mode`, waiting off the async threads.
+    async fn lock(&self, name: String, mode: LockMode) -> BoxliteResult<FileLock> {
+        FileLock::acquire(self.locks.join(name), mode).await
     }
-}
-
-/// Writes `data` to a temporary sibling, syncs it and renames it over `path`.
-fn write_atomically(path: &Path, data: &[u8]) -> BoxliteResult<()> {
-    let tmp = path.with_extension(format!("tmp.{}", ulid::Ulid::new()));
-    let guard = RemoveOnDrop(Some(tmp.clone()));
-    let mut file = std::fs::File::create(&tmp).ctx(|| format!("writing {}", tmp.display()))?;
-    file.write_all(data)
-        .and_then(|()| file.sync_all())
-        .ctx(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).ctx(|| format!("renaming into {}", path.display()))?;
-    std::mem::forget(guard);
-    Ok(())
 }
 
 pub(crate) const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-
-/// Opens (creating) `path` and takes `op` (`LOCK_SH`/`LOCK_EX`) on it, waiting.
-pub(crate) fn flock_blocking(path: &Path, op: libc::c_int) -> BoxliteResult<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .ctx(|| format!("opening lock {}", path.display()))?;
-    loop {
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(file);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(BoxliteError::io(format!("locking {}", path.display()), e));
-        }
-    }
-}
-
-/// Whether someone holds a lock on `path` (probed without waiting).
-pub(crate) fn lock_is_free(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
-        return true;
-    };
-    // SAFETY: flock on a descriptor we own; the probe's lock is released when it closes.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
