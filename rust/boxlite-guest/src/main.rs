@@ -12,6 +12,8 @@ mod log;
 mod metrics;
 mod modules;
 mod mounts;
+#[allow(dead_code)] // Wired in with networking (see boxlite-net).
+mod net;
 mod port;
 mod reaper;
 mod session;

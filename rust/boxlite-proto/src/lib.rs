@@ -12,12 +12,14 @@
 
 mod frame;
 mod message;
+pub mod net;
 
 pub use frame::{Body, Frame, FrameError, FrameHeader, StreamId, HEADER_LEN, MAX_PAYLOAD};
 pub use message::{
     ErrorKind, ExecRequest, ExitStatus, GuestMetrics, Message, TtySize, GUEST_PORT_NAME,
     PROTOCOL_VERSION,
 };
+pub use net::GuestNetwork;
 
 /// Bytes a sender may have in flight on one stream before it must wait for credit.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
