@@ -41,7 +41,7 @@ $(STAMPS)/venv: $(STAMPS)/system
 $(STAMPS)/develop: $(STAMPS)/venv $(RUST_SOURCES) pyproject.toml
 	cargo build --release -q -p boxlite --bin boxlite-shim
 	mkdir -p python/boxlite/bin && cp target/release/boxlite-shim python/boxlite/bin/
-	source $(VENV)/bin/activate && maturin develop --release -q
+	source $(VENV)/bin/activate && maturin develop --release -q --features test-hooks
 	@touch $@
 
 develop: $(STAMPS)/develop

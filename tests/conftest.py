@@ -77,7 +77,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
 def runtime(home: Path) -> Iterator[boxlite.Boxlite]:
     rt = make_runtime(home)
     yield rt
-    asyncio.run(rt.close())
+    rt.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def shared_runtime(shared_home: Path) -> Iterator[boxlite.Boxlite]:
     rt = make_runtime(shared_home)
     yield rt
-    asyncio.run(rt.close())
+    rt.close()
 
 
 @pytest.fixture(scope="module")

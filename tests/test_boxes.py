@@ -40,11 +40,14 @@ async def test_create_exec_stop_leaves_nothing_running(runtime: boxlite.Boxlite,
     rt_metrics = runtime.metrics()
     assert (rt_metrics.boxes_created_total, rt_metrics.num_running_boxes) == (1, 1)
     await box.stop()
-    assert box.info().status == "stopped"
     assert not pid_alive(pid)
-    assert not list(box.dir.glob("*.sock"))
     assert runtime.metrics().num_running_boxes == 0
-    with pytest.raises(boxlite.InvalidStateError, match="stopped"):
+    # Removed at stop (the published default): its directory and record are gone.
+    assert not box.dir.exists()
+    assert await runtime.get(box.id) is None
+    with pytest.raises(boxlite.BoxNotFoundError):
+        box.info()
+    with pytest.raises(boxlite.BoxNotFoundError):
         await box.exec("true")
 
 
@@ -66,7 +69,7 @@ async def test_two_boxes_from_one_base_do_not_see_each_others_writes(
 
 
 async def test_state_survives_stop_and_start(runtime: boxlite.Boxlite, image_layout: Path) -> None:
-    box = await runtime.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256))
+    box = await runtime.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256, auto_remove=False))
     await run(box, "sh", "-c", "echo kept > /root/state")
     await box.stop()
     await box.start()
@@ -139,7 +142,8 @@ async def test_a_guest_that_never_becomes_ready_is_a_boot_timeout_with_the_conso
     home: Path, image_layout: Path
 ) -> None:
     rt = make_runtime(home, boot_timeout=60)
-    await (await rt.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256))).stop()  # base disk
+    kept = boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256, auto_remove=False)
+    await (await rt.create(kept)).stop()  # base disk
     quick = make_runtime(home, boot_timeout=0.3)
     with pytest.raises(boxlite.BootTimeoutError, match="last console output"):
         await quick.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256))

@@ -160,7 +160,7 @@ def test_errors_are_one_line_and_exit_non_zero(shared_home: Path, svc: str, imag
     bad_memory = cli(shared_home, "run", "--memory", "12xb", "--rootfs", str(image_layout), "true")
     assert bad_memory.returncode == 2 and "memory" in one_error_line(bad_memory)
     too_small = cli(shared_home, "run", "--memory", "64MiB", "--rootfs", str(image_layout), "true")
-    assert too_small.returncode == 125 and "memory_mib" in one_error_line(too_small)
+    assert too_small.returncode == 125 and "`memory`" in one_error_line(too_small)
     no_layout = cli(shared_home, "run", "--rootfs", str(image_layout / "nope"), "true")
     assert no_layout.returncode == 125
     one_error_line(no_layout)

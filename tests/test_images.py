@@ -449,8 +449,8 @@ async def test_remove_is_refused_while_a_box_uses_the_image_and_gc_collects_the_
     python_blobs = set(layout_blobs(images / "python", "slim"))
     try:
         await rt.images.pull("python:slim")
-        box = await rt.create(boxlite.BoxOptions(image="alpine", memory_mib=256))
-        layout_box = await rt.create(boxlite.BoxOptions(rootfs_path=own_layout, memory_mib=256))
+        box = await rt.create(boxlite.BoxOptions(image="alpine", memory_mib=256, auto_remove=False))
+        layout_box = await rt.create(boxlite.BoxOptions(rootfs_path=own_layout, memory_mib=256, auto_remove=False))
         assert len(base_disks(home)) >= 1
         with pytest.raises(boxlite.InvalidStateError, match=box.id):
             await rt.images.remove("alpine")

@@ -26,6 +26,7 @@ def sync_runtime(home: Path) -> Iterator[SyncBoxlite]:
 
 
 def opts(layout: Path, **kwargs: object) -> boxlite.BoxOptions:
+    kwargs.setdefault("auto_remove", False)
     return boxlite.BoxOptions(rootfs_path=layout, memory_mib=256, **kwargs)  # type: ignore[arg-type]
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from . import __version__, accelerator
-from ._runtime import Box, BoxInfo, Boxlite, BoxOptions, ExecStdin, Execution, Options
-from .errors import BoxliteError, BoxNotFoundError, ExecStartError, InvalidArgumentError
-from .images import ImageInfo, PullProgress
+from ._native import BoxInfo, BoxOptions, ImageInfo, Options, PullProgress
+from ._runtime import Box, Boxlite, ExecStdin, Execution
+from .errors import BoxliteError, BoxNotFoundError, ExecStartError, InvalidArgumentError, InvalidStateError
 
 PROG = "boxlite"
 #: Exit codes for failures that are not the command's own (Docker's conventions).
@@ -112,9 +112,11 @@ def human_size(n: float) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover - the loop always returns
 
 
-def human_ago(when: datetime | float | None) -> str:
+def human_ago(when: datetime | str | float | None) -> str:
     if when is None:
         return "-"
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when)
     ts = when.timestamp() if isinstance(when, datetime) else when
     seconds = max(0, int(time.time() - ts))
     for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
@@ -213,13 +215,14 @@ def open_runtime(home: str | None) -> Boxlite:
 
 async def resolve_box(rt: Boxlite, ref: str) -> Box:
     """A box by id, name or unique id prefix."""
-    try:
-        return await rt.get(ref)
-    except BoxNotFoundError:
-        pass
+    box = await rt.get(ref)
+    if box is not None:
+        return box
     matches = [info for info in await rt.list_info() if info.id.lower().startswith(ref.lower())]
     if len(matches) == 1:
-        return await rt.get(matches[0].id)
+        found = await rt.get(matches[0].id)
+        if found is not None:
+            return found
     if len(matches) > 1:
         raise CliError(f"box prefix {ref!r} is ambiguous: {', '.join(m.id for m in matches)}")
     raise BoxNotFoundError(f"no box has the id or name {ref!r} (see `{PROG} ps -a`)")
@@ -394,8 +397,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
         entrypoint=[args.entrypoint] if args.entrypoint else None,
         cmd=command or None,
         tty=bool(args.tty),
+        # Kept boxes are detached, so `exec`, `start` and `stop` reach them from other
+        # processes; a `--rm` box lives only for this run.
         auto_remove=bool(args.rm),
-        detach=True,
+        detach=not args.rm,
     )
     rt = open_runtime(args.home)
     box = await rt.create(options)
@@ -428,6 +433,10 @@ async def cmd_exec(args: argparse.Namespace) -> int:
         raise CliError("give the command to run")
     rt = open_runtime(args.home)
     box = await resolve_box(rt, args.box)
+    status = box.info().status
+    if status != "running":
+        # As `docker exec`: a command goes into a running box; `start` is explicit here.
+        raise InvalidStateError(f"box {args.box} is {status}; start it first with `{PROG} start {args.box}`")
     size, raw = exec_options(args.interactive, args.tty)
     execution = await box.exec(
         argv[0], argv[1:], env=parse_env(args.env), tty=size or False, user=args.user, cwd=args.workdir

@@ -1,10 +1,16 @@
 """The exceptions boxlite raises: one class per failure you can act on.
 
-Every error from the native core arrives as an instance of one of these classes (the mapping is
-in ``rust/boxlite-py/src/errors.rs``); its message says what happened and what to do.
+Every error from the native core arrives as an instance of one of these classes (the one
+mapping is in ``rust/boxlite-py/src/errors.rs``); its message says what happened and what to
+do. The published ``boxlite`` package's names exist too (``NotFoundError``,
+``AlreadyExistsError``, ``UnsupportedError``, ``EngineError``, ...): each of our classes
+derives from the published one it refines, so code that catches those catches ours. As in the
+published package, every error raised by the core is also a ``RuntimeError``.
 """
 
 from __future__ import annotations
+
+import builtins
 
 
 class BoxliteError(Exception):
@@ -12,99 +18,222 @@ class BoxliteError(Exception):
 
     #: A stable snake_case name of the failure (``"image_not_found"``, ...).
     kind: str = "internal"
+    #: The published package's error code.
+    code: str = "internal"
 
 
-class InvalidArgumentError(BoxliteError, ValueError):
+class _NativeError(BoxliteError, RuntimeError):
+    """A failure reported by the core."""
+
+
+class InvalidArgumentError(_NativeError, ValueError):
     """An argument was rejected before anything was done; the message names the field."""
 
-
-class ImageNotFoundError(BoxliteError):
-    """The image reference names nothing the registry or layout has."""
+    code = "invalid_argument"
 
 
-class ImagePullError(BoxliteError):
-    """The image could not be fetched or read (network, corrupt content, bad layout)."""
+class NotFoundError(_NativeError, LookupError):
+    """What was named does not exist."""
+
+    code = "not_found"
 
 
-class RegistryUnauthorizedError(BoxliteError, PermissionError):
-    """The registry refused the configured credentials."""
-
-
-class BoxNotFoundError(BoxliteError, LookupError):
+class BoxNotFoundError(NotFoundError):
     """No box has this id or name."""
 
 
-class InvalidStateError(BoxliteError):
-    """The box is in a state that does not allow the operation (e.g. exec in a stopped box)."""
+class ImageNotFoundError(NotFoundError):
+    """The image reference names nothing the registry or layout has."""
 
 
-class EngineUnavailableError(BoxliteError):
+class AlreadyExistsError(_NativeError):
+    """The name is taken (a box, a file with ``overwrite=False``, ...)."""
+
+    code = "already_exists"
+
+
+class InvalidStateError(_NativeError):
+    """The box is in a state that does not allow the operation."""
+
+    code = "invalid_state"
+
+
+class StoppedError(InvalidStateError):
+    """The published package's error for a handle used after ``stop()``; boxlite handles stay
+    usable (``exec`` starts the box again), so it is never raised here."""
+
+    code = "stopped"
+
+
+class UnsupportedError(_NativeError, NotImplementedError):
+    """The option or feature is not available in this version."""
+
+    code = "unsupported"
+
+
+#: The name this package used before matching the published one.
+NotSupportedError = UnsupportedError
+
+
+class ImageError(_NativeError):
+    """An image could not be fetched or read."""
+
+    code = "image_pull_failed"
+
+
+class ImagePullError(ImageError):
+    """The image could not be fetched or read (network, corrupt content, bad layout)."""
+
+
+class RegistryUnauthorizedError(ImageError, PermissionError):
+    """The registry refused the configured credentials."""
+
+
+class EngineError(_NativeError):
+    """The VM engine failed."""
+
+    code = "engine_unavailable"
+
+
+class EngineUnavailableError(EngineError):
     """The VM engine cannot run: no QEMU, no guest bundle, or no usable accelerator."""
 
 
-class BootTimeoutError(BoxliteError, TimeoutError):
+class TimeoutError(BoxliteError):
+    """The published package's timeout class (it shadows the builtin name, as there).
+    boxlite's timeouts derive from it and from the builtin ``TimeoutError``."""
+
+
+class BootTimeoutError(EngineError, TimeoutError, builtins.TimeoutError):
     """The guest did not become ready in time; the message ends with its console output."""
 
 
-class GuestProtocolError(BoxliteError):
-    """The guest agent misbehaved or the connection to it was lost (e.g. the VM died)."""
+class ExecutionError(_NativeError):
+    """A command in a box could not run to its end."""
+
+    code = "execution_failed"
 
 
-class ExecStartError(BoxliteError):
+class ExecStartError(ExecutionError):
     """The command could not be started in the box (not found, bad user, missing cwd)."""
 
 
-class ExecTimeoutError(BoxliteError, TimeoutError):
+class ExecTimeoutError(ExecutionError, TimeoutError, builtins.TimeoutError):
     """The command ran past its timeout and was killed."""
 
 
-class StorageError(BoxliteError):
+class GuestProtocolError(_NativeError):
+    """The guest agent misbehaved or the connection to it was lost (e.g. the VM died)."""
+
+    code = "guest_protocol"
+
+
+class NetworkError(_NativeError):
+    """A box's network could not be set up or used."""
+
+    code = "network_unavailable"
+
+
+class StorageError(_NativeError):
     """A disk image, the image cache or a box directory could not be prepared."""
 
+    code = "storage_error"
 
-class DatabaseError(BoxliteError):
+
+class DatabaseError(_NativeError):
     """The state database failed."""
 
+    code = "database_error"
 
-class BoxliteIOError(BoxliteError, OSError):
+
+class MetadataError(_NativeError):
+    """Stored metadata could not be read."""
+
+    code = "metadata_error"
+
+
+class ConfigError(_NativeError):
+    """The configuration is wrong (for remote runtimes: also refused credentials)."""
+
+    code = "config_error"
+
+
+class ResourceExhaustedError(_NativeError):
+    """A limit was reached."""
+
+    code = "resource_exhausted"
+
+
+class SessionReapedError(_NativeError):
+    """An execution's session is gone."""
+
+    code = "session_reaped"
+
+
+class UpstreamUnavailableError(_NativeError):
+    """A service boxlite depends on is unavailable."""
+
+    code = "upstream_unavailable"
+
+
+class BoxliteIOError(_NativeError, OSError):
     """An operating-system I/O error, with what boxlite was doing."""
 
-
-class NotSupportedError(BoxliteError, NotImplementedError):
-    """The option or feature is not available in this version."""
+    code = "io"
 
 
-class InternalError(BoxliteError):
+class InternalError(_NativeError):
     """A bug in boxlite; please report it with the message."""
 
 
-class ExecError(BoxliteError):
-    """A command in a box exited non-zero (raised by ``CodeBox.run``); carries its result."""
+class ParseError(BoxliteError):
+    """Text could not be parsed."""
 
-    def __init__(self, message: str, exit_code: int = 1, stdout: str = "", stderr: str = "") -> None:
-        super().__init__(message)
+
+class ExecError(BoxliteError):
+    """A command in a box exited non-zero; carries its result. ``ExecError(command,
+    exit_code, stderr)`` as in the published package."""
+
+    def __init__(self, command: str, exit_code: int = 1, stderr: str = "", *, stdout: str = "") -> None:
+        super().__init__(f"Command '{command}' failed with exit code {exit_code}: {stderr}")
+        self.command = command
         self.exit_code = exit_code
         self.stdout = stdout
         self.stderr = stderr
 
 
 __all__ = [
-    "BoxliteError",
-    "InvalidArgumentError",
-    "ImageNotFoundError",
-    "ImagePullError",
-    "RegistryUnauthorizedError",
-    "BoxNotFoundError",
-    "InvalidStateError",
-    "EngineUnavailableError",
+    "AlreadyExistsError",
     "BootTimeoutError",
-    "GuestProtocolError",
+    "BoxNotFoundError",
+    "BoxliteError",
+    "BoxliteIOError",
+    "ConfigError",
+    "DatabaseError",
+    "EngineError",
+    "EngineUnavailableError",
+    "ExecError",
     "ExecStartError",
     "ExecTimeoutError",
-    "StorageError",
-    "DatabaseError",
-    "BoxliteIOError",
-    "NotSupportedError",
+    "ExecutionError",
+    "GuestProtocolError",
+    "ImageError",
+    "ImageNotFoundError",
+    "ImagePullError",
     "InternalError",
-    "ExecError",
+    "InvalidArgumentError",
+    "InvalidStateError",
+    "MetadataError",
+    "NetworkError",
+    "NotFoundError",
+    "NotSupportedError",
+    "ParseError",
+    "RegistryUnauthorizedError",
+    "ResourceExhaustedError",
+    "SessionReapedError",
+    "StoppedError",
+    "StorageError",
+    "TimeoutError",
+    "UnsupportedError",
+    "UpstreamUnavailableError",
 ]

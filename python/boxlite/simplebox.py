@@ -9,9 +9,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._native import BoxMetrics
-from ._runtime import Box, BoxInfo, Boxlite, BoxOptions, ExecResult, PathLike
-from .errors import ExecError, InvalidArgumentError, InvalidStateError
+from ._native import BoxInfo, BoxMetrics, BoxOptions, CopyOptions, ExecResult
+from ._runtime import Box, Boxlite, PathLike
+from .errors import ExecError, InvalidStateError
 
 _S = TypeVar("_S", bound="SimpleBox")
 
@@ -49,8 +49,6 @@ class SimpleBox:
             auto_remove=auto_remove,
             **box_options,
         )
-        if reuse_existing and name is None:
-            raise InvalidArgumentError("invalid argument `reuse_existing`: give the `name` of the box to reuse")
         self._runtime = runtime
         self._reuse_existing = reuse_existing
         self._box: Box | None = None
@@ -94,11 +92,11 @@ class SimpleBox:
     async def metrics(self) -> BoxMetrics:
         return await self.box.metrics()
 
-    async def copy_in(self, host_path: PathLike, box_path: str) -> None:
-        await self.box.copy_in(host_path, box_path)
+    async def copy_in(self, host_path: PathLike, box_path: str, copy_options: CopyOptions | None = None) -> None:
+        await self.box.copy_in(host_path, box_path, copy_options)
 
-    async def copy_out(self, box_path: str, host_path: PathLike) -> None:
-        await self.box.copy_out(box_path, host_path)
+    async def copy_out(self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None) -> None:
+        await self.box.copy_out(box_path, host_path, copy_options)
 
     async def read_file(self, path: str) -> bytes:
         return await self.box.read_file(path)
@@ -169,12 +167,7 @@ class CodeBox(SimpleBox):
         past ``timeout`` seconds (it is killed)."""
         result = await self.exec("python3", "-c", code, timeout=timeout)
         if result.exit_code != 0:
-            raise ExecError(
-                f"code exited with {result.exit_code}: {result.stderr.strip()}",
-                exit_code=result.exit_code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
+            raise ExecError("python3 -c", result.exit_code, result.stderr, stdout=result.stdout)
         return result.stdout
 
     async def run_script(self, script_path: PathLike, timeout: float | None = None) -> str:
@@ -193,14 +186,7 @@ class CodeBox(SimpleBox):
         flat: list[str] = []
         for item in names:
             flat.extend([item] if isinstance(item, str) else list(item))
-        if not flat:
-            raise InvalidArgumentError("invalid argument `names`: give at least one package")
         result = await self.exec("python3", "-m", "pip", "install", "--quiet", *flat, timeout=timeout)
         if result.exit_code != 0:
-            raise ExecError(
-                f"pip install {shlex.join(flat)} failed: {result.stderr.strip()}",
-                exit_code=result.exit_code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-            )
+            raise ExecError(f"pip install {shlex.join(flat)}", result.exit_code, result.stderr, stdout=result.stdout)
         return result.stdout + result.stderr

@@ -14,22 +14,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._native import BoxMetrics, RuntimeMetrics
-from ._runtime import (
-    Box,
+from ._native import (
     BoxInfo,
-    Boxlite,
+    BoxMetrics,
     BoxOptions,
-    EnvLike,
+    CopyOptions,
     ExecResult,
-    ExecStdin,
-    Execution,
-    ExecutionId,
+    GcReport,
+    ImageInfo,
     Options,
-    PathLike,
+    RuntimeMetrics,
 )
+from ._runtime import Box, Boxlite, EnvLike, ExecStdin, Execution, ExecutionId, PathLike
 from .errors import InvalidStateError
-from .images import GcReport, ImageInfo, Images, ProgressCallback
+from .images import Images, ProgressCallback
 from .simplebox import CodeBox, SimpleBox
 
 T = TypeVar("T")
@@ -211,7 +209,7 @@ class SyncBox:
 
     def exec(
         self,
-        cmd: str | None = None,
+        command: str | None = None,
         args: Iterable[str] | None = None,
         env: EnvLike = None,
         tty: bool | tuple[int, int] | None = None,
@@ -220,14 +218,14 @@ class SyncBox:
         cwd: str | None = None,
     ) -> SyncExecution:
         """Starts a command and returns at once; see ``Box.exec``."""
-        execution = _run(self._box.exec(cmd, args, env, tty, user, timeout_secs, cwd))
+        execution = _run(self._box.exec(command, args, env, tty, user, timeout_secs, cwd))
         return SyncExecution(execution)
 
-    def copy_in(self, host_path: PathLike, box_path: str) -> None:
-        _run(self._box.copy_in(host_path, box_path))
+    def copy_in(self, host_path: PathLike, box_path: str, copy_options: CopyOptions | None = None) -> None:
+        _run(self._box.copy_in(host_path, box_path, copy_options))
 
-    def copy_out(self, box_path: str, host_path: PathLike) -> None:
-        _run(self._box.copy_out(box_path, host_path))
+    def copy_out(self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None) -> None:
+        _run(self._box.copy_out(box_path, host_path, copy_options))
 
     def read_file(self, path: str) -> bytes:
         return _run(self._box.read_file(path))
@@ -313,10 +311,11 @@ class SyncBoxlite:
         box, created = _run(self._runtime.get_or_create(options, name))
         return SyncBox(box), created
 
-    def get(self, id_or_name: str) -> SyncBox:
-        return SyncBox(_run(self._runtime.get(id_or_name)))
+    def get(self, id_or_name: str) -> SyncBox | None:
+        box = _run(self._runtime.get(id_or_name))
+        return None if box is None else SyncBox(box)
 
-    def get_info(self, id_or_name: str) -> BoxInfo:
+    def get_info(self, id_or_name: str) -> BoxInfo | None:
         return _run(self._runtime.get_info(id_or_name))
 
     def list_info(self, state: str | None = None) -> list[BoxInfo]:
@@ -329,10 +328,24 @@ class SyncBoxlite:
         return self._runtime.metrics()
 
     def close(self) -> None:
-        _run(self._runtime.close())
+        """Stops every box this runtime started or handles."""
+
+        async def close() -> None:
+            await self._runtime.close()
+
+        _run(close())
 
     def shutdown(self, timeout: float | None = None) -> None:
         _run(self._runtime.shutdown(timeout))
+
+    def start(self) -> SyncBoxlite:
+        """Returns this runtime, ready (the published package's sync runtime must be started;
+        this one always is)."""
+        return self
+
+    def stop(self) -> None:
+        """Same as ``close()``."""
+        self.close()
 
     def __enter__(self) -> SyncBoxlite:
         return self
@@ -393,11 +406,11 @@ class SyncSimpleBox:
     def metrics(self) -> BoxMetrics:
         return _run(self._inner.metrics())
 
-    def copy_in(self, host_path: PathLike, box_path: str) -> None:
-        _run(self._inner.copy_in(host_path, box_path))
+    def copy_in(self, host_path: PathLike, box_path: str, copy_options: CopyOptions | None = None) -> None:
+        _run(self._inner.copy_in(host_path, box_path, copy_options))
 
-    def copy_out(self, box_path: str, host_path: PathLike) -> None:
-        _run(self._inner.copy_out(box_path, host_path))
+    def copy_out(self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None) -> None:
+        _run(self._inner.copy_out(box_path, host_path, copy_options))
 
     def read_file(self, path: str) -> bytes:
         return _run(self._inner.read_file(path))
@@ -445,12 +458,16 @@ class SyncCodeBox(SyncSimpleBox):
         return _run(self._inner.install_packages(*names, timeout=timeout))
 
 
+#: The published package's name for ``SyncImages``.
+SyncImageHandle = SyncImages
+
 __all__ = [
     "SyncBox",
     "SyncBoxlite",
     "SyncCodeBox",
     "SyncExecStdin",
     "SyncExecution",
+    "SyncImageHandle",
     "SyncImages",
     "SyncSimpleBox",
 ]

@@ -1,32 +1,55 @@
 //! The one place where core errors become Python exceptions.
 //!
 //! The exception classes live in `boxlite/errors.py` (so they can also derive from
-//! `ValueError`, `TimeoutError`, ...); this module picks the class for each variant.
+//! `ValueError`, `TimeoutError`, ...); this module picks the class for each failure.
 
-use boxlite::BoxliteError;
+use boxlite::{
+    BoxliteError, EngineError, ExecError, GuestError, ImageError, StateError, StorageError,
+};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
-/// The Python class name for each variant. Exhaustive: a new variant does not compile
-/// until it is mapped here.
+/// The Python class name for each failure. Exhaustive: a new variant does not compile until
+/// it is mapped here.
 pub fn class_name(error: &BoxliteError) -> &'static str {
     match error {
         BoxliteError::InvalidArgument { .. } => "InvalidArgumentError",
-        BoxliteError::ImageNotFound { .. } => "ImageNotFoundError",
-        BoxliteError::ImagePullFailed { .. } => "ImagePullError",
-        BoxliteError::RegistryUnauthorized { .. } => "RegistryUnauthorizedError",
         BoxliteError::BoxNotFound { .. } => "BoxNotFoundError",
+        BoxliteError::AlreadyExists { .. } => "AlreadyExistsError",
         BoxliteError::InvalidState { .. } => "InvalidStateError",
-        BoxliteError::EngineUnavailable { .. } => "EngineUnavailableError",
-        BoxliteError::BootTimeout { .. } => "BootTimeoutError",
-        BoxliteError::GuestProtocol(_) => "GuestProtocolError",
-        BoxliteError::ExecStartFailed { .. } => "ExecStartError",
-        BoxliteError::ExecTimeout { .. } => "ExecTimeoutError",
-        BoxliteError::Storage(_) => "StorageError",
-        BoxliteError::Database(_) => "DatabaseError",
+        BoxliteError::Unsupported(_) => "UnsupportedError",
         BoxliteError::Io { .. } => "BoxliteIOError",
-        BoxliteError::Unsupported(_) => "NotSupportedError",
         BoxliteError::Internal(_) => "InternalError",
+        BoxliteError::Image(e) => match e {
+            ImageError::NotFound { .. } => "ImageNotFoundError",
+            ImageError::PullFailed { .. } => "ImagePullError",
+            ImageError::Unauthorized { .. } => "RegistryUnauthorizedError",
+        },
+        BoxliteError::Engine(e) => match e {
+            EngineError::Unavailable { .. } | EngineError::ExitedDuringBoot { .. } => {
+                "EngineUnavailableError"
+            }
+            EngineError::BootTimeout { .. } => "BootTimeoutError",
+        },
+        BoxliteError::Guest(e) => match e {
+            GuestError::ConnectionLost { .. }
+            | GuestError::Protocol { .. }
+            | GuestError::Incompatible { .. } => "GuestProtocolError",
+        },
+        BoxliteError::Exec(e) => match e {
+            ExecError::StartFailed { .. } => "ExecStartError",
+            ExecError::Timeout { .. } => "ExecTimeoutError",
+        },
+        BoxliteError::Storage(e) => match e {
+            StorageError::Tool { .. }
+            | StorageError::Guest { .. }
+            | StorageError::Damaged { .. } => "StorageError",
+        },
+        BoxliteError::State(e) => match e {
+            StateError::Sqlite { .. }
+            | StateError::Corrupt { .. }
+            | StateError::NewerSchema { .. } => "DatabaseError",
+        },
     }
 }
 
@@ -62,71 +85,101 @@ impl<T> IntoPyResult<T> for Result<T, BoxliteError> {
     }
 }
 
-/// One example of each variant, for the tests that check the mapping from Python.
-pub fn example(kind: &str) -> Option<BoxliteError> {
+/// One example of each failure, for the tests that check the mapping from Python (built only
+/// with the `test-hooks` feature).
+#[cfg(feature = "test-hooks")]
+pub fn examples() -> Vec<BoxliteError> {
     use boxlite::Seconds;
     let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-    Some(match kind {
-        "invalid_argument" => BoxliteError::invalid("cpus", "must be at least 1"),
-        "image_not_found" => BoxliteError::ImageNotFound {
-            reference: "nope:latest".into(),
+    vec![
+        BoxliteError::invalid("cpus", "must be at least 1"),
+        BoxliteError::BoxNotFound { id: "ghost".into() },
+        BoxliteError::AlreadyExists {
+            what: "a box",
+            name: "web".into(),
         },
-        "image_pull_failed" => BoxliteError::ImagePullFailed {
-            reference: "a:b".into(),
-            reason: "connection refused".into(),
-        },
-        "registry_unauthorized" => BoxliteError::RegistryUnauthorized {
-            host: "registry.test".into(),
-            reason: "401".into(),
-        },
-        "box_not_found" => BoxliteError::BoxNotFound { id: "ghost".into() },
-        "invalid_state" => BoxliteError::InvalidState {
+        BoxliteError::InvalidState {
             id: "b".into(),
             state: "stopped".into(),
             operation: "exec in".into(),
         },
-        "engine_unavailable" => BoxliteError::engine_unavailable(
+        BoxliteError::Unsupported("volumes".into()),
+        BoxliteError::io("reading x", io()),
+        BoxliteError::Internal("bug".into()),
+        ImageError::NotFound {
+            reference: "nope:latest".into(),
+        }
+        .into(),
+        ImageError::PullFailed {
+            reference: "a:b".into(),
+            reason: "connection refused".into(),
+            source: None,
+        }
+        .into(),
+        ImageError::Unauthorized {
+            host: "registry.test".into(),
+            reason: "401".into(),
+        }
+        .into(),
+        BoxliteError::engine_unavailable(
             "qemu-system-x86_64 not found",
             "install the qemu-system-x86 package",
         ),
-        "boot_timeout" => BoxliteError::BootTimeout {
+        EngineError::ExitedDuringBoot {
+            status: "signal 9".into(),
+            console_tail: "".into(),
+        }
+        .into(),
+        EngineError::BootTimeout {
             timeout: Seconds::from_secs(5),
             console_tail: "[    0.0] Linux".into(),
-        },
-        "guest_protocol" => BoxliteError::GuestProtocol("unexpected frame".into()),
-        "exec_start_failed" => BoxliteError::ExecStartFailed {
+        }
+        .into(),
+        GuestError::ConnectionLost {
+            reason: "the VM died".into(),
+        }
+        .into(),
+        GuestError::Protocol {
+            reason: "unexpected frame".into(),
+        }
+        .into(),
+        GuestError::Incompatible { guest: 1, host: 2 }.into(),
+        ExecError::StartFailed {
             command: "nope".into(),
             reason: "not found".into(),
-        },
-        "exec_timeout" => BoxliteError::ExecTimeout {
+        }
+        .into(),
+        ExecError::Timeout {
             command: "sleep 9".into(),
             timeout: Seconds::from_secs(1),
-        },
-        "storage" => BoxliteError::Storage("disk full".into()),
-        "database" => BoxliteError::Database("locked".into()),
-        "io" => BoxliteError::io("reading x", io()),
-        "unsupported" => BoxliteError::Unsupported("volumes".into()),
-        "internal" => BoxliteError::Internal("bug".into()),
-        _ => return None,
-    })
+        }
+        .into(),
+        StorageError::Tool {
+            tool: "qemu-img".into(),
+            status: "exit 1".into(),
+            stderr: "disk full".into(),
+        }
+        .into(),
+        StorageError::Guest {
+            context: "mounting".into(),
+            reason: "bad superblock".into(),
+        }
+        .into(),
+        StorageError::Damaged {
+            path: "/x".into(),
+            reason: "truncated".into(),
+        }
+        .into(),
+        StateError::Corrupt {
+            id: "b".into(),
+            what: "options",
+            reason: "bad json".into(),
+        }
+        .into(),
+        StateError::NewerSchema {
+            found: 9,
+            supported: 1,
+        }
+        .into(),
+    ]
 }
-
-/// Every variant's kind, in declaration order.
-pub const KINDS: &[&str] = &[
-    "invalid_argument",
-    "image_not_found",
-    "image_pull_failed",
-    "registry_unauthorized",
-    "box_not_found",
-    "invalid_state",
-    "engine_unavailable",
-    "boot_timeout",
-    "guest_protocol",
-    "exec_start_failed",
-    "exec_timeout",
-    "storage",
-    "database",
-    "io",
-    "unsupported",
-    "internal",
-];

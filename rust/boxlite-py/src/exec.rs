@@ -65,11 +65,12 @@ impl NativeExecution {
         let execution = self.0.clone();
         future_into_py(py, async move {
             let result = execution.wait().await.py()?;
-            Ok(NativeExecResult {
+            Ok(ExecResult {
                 exit_code: result.exit_code,
                 signal: result.signal,
                 stdout: result.stdout,
                 stderr: result.stderr,
+                error_message: None,
             })
         })
     }
@@ -79,33 +80,105 @@ impl NativeExecution {
         self.0.kill(signal).py()
     }
 
-    fn resize_tty(&self, rows: u16, cols: u16) -> PyResult<()> {
-        self.0.resize_tty(rows, cols).py()
+    fn resize_tty(&self, rows: i64, cols: i64) -> PyResult<()> {
+        let size = boxlite::BoxCommand::tty_size(rows, cols).py()?;
+        self.0.resize_tty(size.rows, size.cols).py()
     }
 }
 
-/// How a command ended.
+/// How a command ended: `exit_code` (`128 + signal` if a signal killed it), and the output
+/// not already read through the streams, as text (`stdout`, `stderr`, decoded as UTF-8 with
+/// replacement) and as bytes (`stdout_bytes`, `stderr_bytes`).
 #[derive(Debug)]
-#[pyclass(frozen, module = "boxlite._native")]
-pub struct NativeExecResult {
-    #[pyo3(get)]
+#[pyclass(frozen, module = "boxlite")]
+pub struct ExecResult {
     exit_code: i32,
-    #[pyo3(get)]
     signal: Option<i32>,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    error_message: Option<String>,
 }
 
 #[pymethods]
-impl NativeExecResult {
-    #[getter]
-    fn stdout<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.stdout)
+impl ExecResult {
+    #[new]
+    #[pyo3(signature = (exit_code, stdout=String::new(), stderr=String::new(), error_message=None, *, signal=None, stdout_bytes=None, stderr_bytes=None))]
+    fn new(
+        exit_code: i32,
+        stdout: String,
+        stderr: String,
+        error_message: Option<String>,
+        signal: Option<i32>,
+        stdout_bytes: Option<Vec<u8>>,
+        stderr_bytes: Option<Vec<u8>>,
+    ) -> Self {
+        Self {
+            exit_code,
+            signal,
+            stdout: stdout_bytes.unwrap_or_else(|| stdout.into_bytes()),
+            stderr: stderr_bytes.unwrap_or_else(|| stderr.into_bytes()),
+            error_message,
+        }
     }
 
     #[getter]
-    fn stderr<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+    fn exit_code(&self) -> i32 {
+        self.exit_code
+    }
+    #[getter]
+    fn signal(&self) -> Option<i32> {
+        self.signal
+    }
+    #[getter]
+    fn error_message(&self) -> Option<&str> {
+        self.error_message.as_deref()
+    }
+    #[getter]
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    #[getter]
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+    #[getter]
+    fn stdout_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.stdout)
+    }
+    #[getter]
+    fn stderr_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.stderr)
+    }
+    #[getter]
+    fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+
+    fn __eq__(&self, other: &Self) -> bool {
+        (self.exit_code, &self.stdout, &self.stderr, self.signal)
+            == (other.exit_code, &other.stdout, &other.stderr, other.signal)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let short = |b: &[u8]| -> PyResult<String> {
+            let text = String::from_utf8_lossy(b);
+            let shown = if text.chars().count() <= 60 {
+                text.into_owned()
+            } else {
+                text.chars().take(57).collect::<String>() + "..."
+            };
+            Ok(pyo3::types::PyString::new(py, &shown).repr()?.to_string())
+        };
+        let signal = self
+            .signal
+            .map(|s| format!(", signal={s}"))
+            .unwrap_or_default();
+        Ok(format!(
+            "ExecResult(exit_code={}, stdout={}, stderr={}{signal})",
+            self.exit_code,
+            short(&self.stdout)?,
+            short(&self.stderr)?
+        ))
     }
 }
 

@@ -1,31 +1,19 @@
 //! `boxlite._native`: the Rust core exposed to the `boxlite` Python package.
 //!
-//! Every blocking or waiting call returns an awaitable driven by the tokio runtime, so no
-//! Python event loop is blocked and the GIL is not held while native work runs.
+//! Every waiting call returns an awaitable driven by the tokio runtime, so no Python event
+//! loop is blocked; blocking calls release the GIL. Options and records are native classes:
+//! the Python package re-exports them and adds idioms, never rules.
 
 mod drain;
 mod errors;
 mod exec;
 mod images;
+mod info;
 mod metrics;
+mod options;
 mod runtime;
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-
-/// Raises the example error of `kind` (tests use it to check the exception mapping).
-#[pyfunction]
-fn _raise_error(kind: &str) -> PyResult<()> {
-    let error = errors::example(kind)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown error kind {kind:?}")))?;
-    Err(errors::to_py_err(error))
-}
-
-/// The kinds `_raise_error` accepts: one per `BoxliteError` variant.
-#[pyfunction]
-fn _error_kinds() -> Vec<&'static str> {
-    errors::KINDS.to_vec()
-}
 
 /// `(accelerator, reason)`: what boxes on this host would run on and why.
 #[pyfunction]
@@ -34,21 +22,61 @@ fn accelerator() -> PyResult<(String, String)> {
     Ok((choice.accel.to_string(), choice.reason))
 }
 
+/// Test hooks: one example error of every kind, raised on demand, so the tests can check the
+/// exception mapping. Release wheels are built without them.
+#[cfg(feature = "test-hooks")]
+mod hooks {
+    use pyo3::exceptions::PyIndexError;
+    use pyo3::prelude::*;
+
+    /// `(kind, Python class name)` of every example error, in order.
+    #[pyfunction]
+    pub fn _error_examples() -> Vec<(&'static str, &'static str)> {
+        super::errors::examples()
+            .iter()
+            .map(|e| (e.kind(), super::errors::class_name(e)))
+            .collect()
+    }
+
+    /// Raises example error number `index`.
+    #[pyfunction]
+    pub fn _raise_example(index: usize) -> PyResult<()> {
+        let error = super::errors::examples()
+            .into_iter()
+            .nth(index)
+            .ok_or_else(|| PyIndexError::new_err(format!("no example error {index}")))?;
+        Err(super::errors::to_py_err(error))
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", boxlite::VERSION)?;
     m.add_function(wrap_pyfunction!(accelerator, m)?)?;
-    m.add_function(wrap_pyfunction!(_raise_error, m)?)?;
-    m.add_function(wrap_pyfunction!(_error_kinds, m)?)?;
+    #[cfg(feature = "test-hooks")]
+    {
+        m.add_function(wrap_pyfunction!(hooks::_error_examples, m)?)?;
+        m.add_function(wrap_pyfunction!(hooks::_raise_example, m)?)?;
+    }
     let drain = wrap_pyfunction!(drain::_drain_at_exit, m)?;
     m.add_function(drain.clone())?;
     m.py()
         .import("atexit")?
         .call_method1("register", (drain,))?;
+    m.add_class::<options::Options>()?;
+    m.add_class::<options::ImageRegistry>()?;
+    m.add_class::<options::BoxOptions>()?;
+    m.add_class::<options::CopyOptions>()?;
+    m.add_class::<info::BoxInfo>()?;
+    m.add_class::<info::BoxState>()?;
+    m.add_class::<info::ImageInfo>()?;
+    m.add_class::<info::PullProgress>()?;
+    m.add_class::<info::GcReport>()?;
+    m.add_class::<info::Ready>()?;
     m.add_class::<runtime::Runtime>()?;
     m.add_class::<runtime::NativeBox>()?;
     m.add_class::<exec::NativeExecution>()?;
-    m.add_class::<exec::NativeExecResult>()?;
+    m.add_class::<exec::ExecResult>()?;
     m.add_class::<exec::OutputStream>()?;
     m.add_class::<exec::StdinWriter>()?;
     m.add_class::<metrics::RuntimeMetrics>()?;

@@ -1,29 +1,6 @@
 //! Metrics as read-only Python objects.
 
-use pyo3::exceptions::PyStopIteration;
 use pyo3::prelude::*;
-
-/// The iterator behind `await` on a value that is already there: it finishes at once with it.
-#[derive(Debug)]
-#[pyclass(frozen, module = "boxlite._native")]
-pub struct Ready(std::sync::Mutex<Option<PyObject>>);
-
-#[pymethods]
-impl Ready {
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__(&self, py: Python<'_>) -> PyResult<()> {
-        let value = self
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut v| v.take())
-            .unwrap_or_else(|| py.None());
-        Err(PyStopIteration::new_err((value,)))
-    }
-}
 
 /// Runtime-wide counters; every read is live.
 #[derive(Debug)]
@@ -63,8 +40,8 @@ impl RuntimeMetrics {
         self.0.total_run_errors()
     }
     /// `await runtime.metrics()` works too (the published package's `metrics()` is async).
-    fn __await__(slf: Py<Self>) -> Ready {
-        Ready(std::sync::Mutex::new(Some(slf.into_any())))
+    fn __await__(slf: Py<Self>) -> crate::info::Ready {
+        crate::info::Ready::new(slf.into_any())
     }
     fn __repr__(&self) -> String {
         format!(

@@ -11,7 +11,7 @@ use boxlite_proto::{Message, StreamId, MAX_DATA_CHUNK};
 use tokio::sync::mpsc;
 
 use crate::agent::{AgentClient, ChannelEvent};
-use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use crate::error::{task_failed, BoxliteError, BoxliteResult, IoContext};
 
 /// Where a copy lands: the exact path, or inside a directory when the destination ends with
 /// `/` (or, on the host, is an existing directory).
@@ -27,10 +27,55 @@ fn split_destination(dest: &str, source_name: &str, is_dir: bool) -> (String, St
     }
 }
 
+/// How a copy treats directories, existing destinations and symlinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Copy directories with their contents; without it a directory source is refused.
+    pub recursive: bool,
+    /// Replace an existing destination; without it an existing one is `AlreadyExists`.
+    pub overwrite: bool,
+    /// Copy what symlinks in the source point to instead of the links (host sources only).
+    pub follow_symlinks: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            recursive: true,
+            overwrite: true,
+            follow_symlinks: false,
+        }
+    }
+}
+
 /// Copies the host file or directory `src` into the box at `dest`.
-pub(crate) async fn copy_in(client: &AgentClient, src: &Path, dest: &str) -> BoxliteResult<()> {
+pub(crate) async fn copy_in(
+    client: &AgentClient,
+    src: &Path,
+    dest: &str,
+    options: CopyOptions,
+) -> BoxliteResult<()> {
     crate::options::validate_box_path("dest", dest)?;
-    let meta = std::fs::symlink_metadata(src).ctx(|| format!("reading {}", src.display()))?;
+    if !options.overwrite {
+        return Err(BoxliteError::Unsupported(
+            "copy_in with overwrite=False (the box replaces existing files)".into(),
+        ));
+    }
+    let meta = if options.follow_symlinks {
+        std::fs::metadata(src)
+    } else {
+        std::fs::symlink_metadata(src)
+    }
+    .ctx(|| format!("reading {}", src.display()))?;
+    if meta.is_dir() && !options.recursive {
+        return Err(BoxliteError::invalid(
+            "src",
+            format!(
+                "{} is a directory; copy it with recursive=True",
+                src.display()
+            ),
+        ));
+    }
     let source_name = src
         .file_name()
         .and_then(|n| n.to_str())
@@ -51,7 +96,7 @@ pub(crate) async fn copy_in(client: &AgentClient, src: &Path, dest: &str) -> Box
         parent
     };
 
-    let mut channel = client.open(Message::CopyIn { path: parent })?;
+    let channel = client.open(Message::CopyIn { path: parent })?;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
     let src = src.to_path_buf();
     let producer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -59,7 +104,7 @@ pub(crate) async fn copy_in(client: &AgentClient, src: &Path, dest: &str) -> Box
             tx,
             buf: Vec::with_capacity(MAX_DATA_CHUNK),
         });
-        builder.follow_symlinks(false);
+        builder.follow_symlinks(options.follow_symlinks);
         if meta.is_dir() {
             builder.append_dir_all(&name, &src)?;
         } else {
@@ -72,8 +117,13 @@ pub(crate) async fn copy_in(client: &AgentClient, src: &Path, dest: &str) -> Box
     }
     producer
         .await
-        .map_err(|e| BoxliteError::Internal(format!("archive task failed: {e}")))?
+        .map_err(|e| task_failed("archive", e))?
         .map_err(|e| BoxliteError::io("archiving the source", e))?;
+    finish_copy_in(channel).await
+}
+
+/// Ends a copy-in's tar stream and waits for the guest's verdict.
+async fn finish_copy_in(mut channel: crate::agent::Channel) -> BoxliteResult<()> {
     channel.handle.send_eof(StreamId::Stdin)?;
     loop {
         match channel.recv().await? {
@@ -82,7 +132,7 @@ pub(crate) async fn copy_in(client: &AgentClient, src: &Path, dest: &str) -> Box
                 return Err(copy_error(kind, message))
             }
             ChannelEvent::Message(other) => {
-                return Err(BoxliteError::GuestProtocol(format!(
+                return Err(BoxliteError::protocol(format!(
                     "unexpected reply to CopyIn: {other:?}"
                 )))
             }
@@ -91,9 +141,169 @@ pub(crate) async fn copy_in(client: &AgentClient, src: &Path, dest: &str) -> Box
     }
 }
 
+/// Bytes `read_file` returns at most; larger files are refused (use `copy_out`).
+pub const READ_FILE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// The contents of the regular file `path` in the box, read by the agent (the image needs no
+/// tools for it). The tar stream is parsed in memory; nothing touches the host's disk.
+pub(crate) async fn read_file(client: &AgentClient, path: &str) -> BoxliteResult<Vec<u8>> {
+    crate::options::validate_box_path("path", path)?;
+    let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(BoxliteError::invalid(
+            "path",
+            format!("{path:?} does not name a file"),
+        ));
+    }
+    let mut channel = client.open(Message::CopyOut {
+        path: path.to_string(),
+    })?;
+    // A tar of one file: its content, headers and padding.
+    let cap = READ_FILE_LIMIT + 64 * 1024;
+    let mut archive = Vec::new();
+    loop {
+        match channel.recv().await? {
+            ChannelEvent::Data(stream, data) => {
+                let len = data.len();
+                if archive.len() as u64 + len as u64 > cap {
+                    let _ = channel.handle.send_message(Message::Signal {
+                        signal: libc::SIGKILL,
+                    });
+                    return Err(BoxliteError::invalid(
+                        "path",
+                        format!(
+                            "{path:?} is larger than read_file's {READ_FILE_LIMIT} bytes; use copy_out"
+                        ),
+                    ));
+                }
+                archive.extend_from_slice(&data);
+                channel.handle.credit(stream, len);
+            }
+            ChannelEvent::Eof(_) => {}
+            ChannelEvent::Message(Message::Done) => break,
+            ChannelEvent::Message(Message::Error { kind, message }) => {
+                return Err(copy_error(kind, message))
+            }
+            ChannelEvent::Message(other) => {
+                return Err(BoxliteError::protocol(format!(
+                    "unexpected reply to CopyOut: {other:?}"
+                )))
+            }
+        }
+    }
+    single_file(&archive, name).map_err(|why| match why {
+        SingleFile::NotRegular => {
+            BoxliteError::invalid("path", format!("{path:?} is not a regular file in the box"))
+        }
+        SingleFile::Malformed(why) => {
+            BoxliteError::protocol(format!("the box sent a bad archive for {path:?}: {why}"))
+        }
+    })
+}
+
+enum SingleFile {
+    NotRegular,
+    Malformed(String),
+}
+
+/// The content of the first entry of `archive`, which must be the regular file `name`.
+fn single_file(archive: &[u8], name: &str) -> Result<Vec<u8>, SingleFile> {
+    let malformed = |e: std::io::Error| SingleFile::Malformed(e.to_string());
+    let mut entries = tar::Archive::new(archive);
+    let mut entry = entries
+        .entries()
+        .map_err(malformed)?
+        .next()
+        .ok_or_else(|| SingleFile::Malformed("no entry".into()))?
+        .map_err(malformed)?;
+    let entry_name = entry
+        .path()
+        .map_err(malformed)?
+        .to_string_lossy()
+        .into_owned();
+    if entry_name.trim_end_matches('/') != name {
+        return Err(SingleFile::Malformed(format!(
+            "unexpected entry {entry_name:?}"
+        )));
+    }
+    if entry.header().entry_type() != tar::EntryType::Regular {
+        return Err(SingleFile::NotRegular);
+    }
+    let mut data = Vec::with_capacity(entry.size().min(READ_FILE_LIMIT) as usize);
+    entry.read_to_end(&mut data).map_err(malformed)?;
+    Ok(data)
+}
+
+/// `write_file`'s arguments: an absolute file path and permission bits.
+pub(crate) fn validate_write(path: &str, mode: u32) -> BoxliteResult<()> {
+    crate::options::validate_box_path("path", path)?;
+    let name = path.rsplit('/').next().unwrap_or("");
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(BoxliteError::invalid(
+            "path",
+            format!("{path:?} must be an absolute file path in the box"),
+        ));
+    }
+    if mode > 0o7777 {
+        return Err(BoxliteError::invalid(
+            "mode",
+            format!("{mode:#o} is not a permission mode (0 to 0o7777)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `data` to `path` in the box with `mode`, replacing the file; missing parent
+/// directories are created (owned by root).
+pub(crate) async fn write_file(
+    client: &AgentClient,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+) -> BoxliteResult<()> {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let parent = if parent.is_empty() { "/" } else { parent };
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(data.len() as u64);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    );
+    let mut builder = tar::Builder::new(Vec::with_capacity(data.len() + 2048));
+    builder
+        .append_data(&mut header, name, data)
+        .map_err(|e| BoxliteError::io("archiving the file", e))?;
+    let archive = builder
+        .into_inner()
+        .map_err(|e| BoxliteError::io("archiving the file", e))?;
+    let channel = client.open(Message::CopyIn {
+        path: parent.to_string(),
+    })?;
+    for chunk in archive.chunks(MAX_DATA_CHUNK) {
+        channel.handle.send_stdin(chunk).await?;
+    }
+    finish_copy_in(channel).await
+}
+
 /// Copies the box path `src` to the host at `dest`.
-pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> BoxliteResult<()> {
+pub(crate) async fn copy_out(
+    client: &AgentClient,
+    src: &str,
+    dest: &Path,
+    options: CopyOptions,
+) -> BoxliteResult<()> {
     crate::options::validate_box_path("src", src)?;
+    if options.follow_symlinks {
+        return Err(BoxliteError::Unsupported(
+            "copy_out with follow_symlinks=True (links in the box are copied as links)".into(),
+        ));
+    }
     let source_name = src
         .trim_end_matches('/')
         .rsplit('/')
@@ -120,6 +330,12 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
         ));
     }
     let target = parent.join(&name);
+    if !options.overwrite && std::fs::symlink_metadata(&target).is_ok() {
+        return Err(BoxliteError::AlreadyExists {
+            what: "a file",
+            name: target.display().to_string(),
+        });
+    }
     let staging = tempfile::Builder::new()
         .prefix(".boxlite-copy-")
         .tempdir_in(&parent)
@@ -131,6 +347,7 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let staging_path = staging.path().to_path_buf();
     let expected = source_name.clone();
+    let recursive = options.recursive;
     let extractor = tokio::task::spawn_blocking(move || {
         extract_untrusted(
             ChunkReader {
@@ -140,6 +357,7 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
             },
             &staging_path,
             &expected,
+            recursive,
         )
     });
     let mut tx = Some(tx);
@@ -159,7 +377,7 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
                 break Err(copy_error(kind, message))
             }
             Ok(ChannelEvent::Message(other)) => {
-                break Err(BoxliteError::GuestProtocol(format!(
+                break Err(BoxliteError::protocol(format!(
                     "unexpected reply to CopyOut: {other:?}"
                 )))
             }
@@ -167,14 +385,12 @@ pub(crate) async fn copy_out(client: &AgentClient, src: &str, dest: &Path) -> Bo
         }
     };
     drop(tx);
-    let extracted = extractor
-        .await
-        .map_err(|e| BoxliteError::Internal(format!("extract task failed: {e}")))?;
+    let extracted = extractor.await.map_err(|e| task_failed("extract", e))?;
     outcome?;
     extracted?;
     let staged = staging.path().join(&source_name);
     if std::fs::symlink_metadata(&staged).is_err() {
-        return Err(BoxliteError::GuestProtocol(format!(
+        return Err(BoxliteError::protocol(format!(
             "the box sent no {source_name:?}"
         )));
     }
@@ -192,7 +408,7 @@ fn copy_error(kind: boxlite_proto::ErrorKind, message: String) -> BoxliteError {
         boxlite_proto::ErrorKind::NotFound | boxlite_proto::ErrorKind::InvalidArgument => {
             BoxliteError::invalid("path", message)
         }
-        _ => BoxliteError::Storage(format!("copy failed in the box: {message}")),
+        _ => BoxliteError::guest_storage("copy failed in the box", message),
     }
 }
 
@@ -202,9 +418,9 @@ pub(crate) fn extract_untrusted(
     input: impl Read,
     root: &Path,
     expected: &str,
+    recursive: bool,
 ) -> BoxliteResult<()> {
-    let bad =
-        |why: String| BoxliteError::GuestProtocol(format!("refused an entry from the box: {why}"));
+    let bad = |why: String| BoxliteError::protocol(format!("refused an entry from the box: {why}"));
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(false);
     archive.set_preserve_ownerships(false);
@@ -223,6 +439,12 @@ pub(crate) fn extract_untrusted(
             return Err(bad(format!("{}", path.display())));
         }
         let kind = entry.header().entry_type();
+        if kind.is_dir() && !recursive {
+            return Err(BoxliteError::invalid(
+                "src",
+                format!("{expected:?} is a directory; copy it with recursive=True"),
+            ));
+        }
         if kind.is_hard_link() {
             let link = entry
                 .link_name()
@@ -342,7 +564,7 @@ mod tests {
             ("out/a", tar::EntryType::Regular, ""),
             ("out/l", tar::EntryType::Symlink, "a"),
         ]);
-        extract_untrusted(data.as_slice(), dir.path(), "out").unwrap();
+        extract_untrusted(data.as_slice(), dir.path(), "out", true).unwrap();
         let a = dir.path().join("out/a");
         assert_eq!(std::fs::read(&a).unwrap(), b"hi");
         assert_eq!(
@@ -368,8 +590,8 @@ mod tests {
         ];
         for entries in hostile {
             let dir = tempfile::tempdir_in(outside.path()).unwrap();
-            let err =
-                extract_untrusted(tar_with(&entries).as_slice(), dir.path(), "out").unwrap_err();
+            let err = extract_untrusted(tar_with(&entries).as_slice(), dir.path(), "out", true)
+                .unwrap_err();
             assert!(err.to_string().contains("refused"), "{err}");
         }
         // A symlink that points outside, then a file written through it.
@@ -380,7 +602,7 @@ mod tests {
             ("out/esc", tar::EntryType::Symlink, &link_target),
             ("out/esc/victim", tar::EntryType::Regular, ""),
         ]);
-        assert!(extract_untrusted(through.as_slice(), dir.path(), "out").is_err());
+        assert!(extract_untrusted(through.as_slice(), dir.path(), "out", true).is_err());
         assert!(!victim.exists(), "an entry escaped the staging directory");
     }
 

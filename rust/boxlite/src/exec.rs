@@ -4,11 +4,11 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use boxlite_proto::{ExecRequest, ExitStatus, Message, StreamId, TtySize};
+use boxlite_proto::{ExitStatus, Message, StreamId, TtySize};
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::{Channel, ChannelEvent, ChannelHandle};
-use crate::error::{BoxliteError, BoxliteResult};
+use crate::error::{BoxliteError, BoxliteResult, ExecError};
 use crate::metrics::{BoxCounters, RuntimeMetrics};
 use crate::options::{validate_box_path, validate_env};
 use crate::units::Seconds;
@@ -61,6 +61,20 @@ impl BoxCommand {
     pub fn tty(mut self, rows: u16, cols: u16) -> Self {
         self.tty = Some(TtySize { rows, cols });
         self
+    }
+
+    /// A terminal size from untrusted numbers: each 1 to 65535.
+    pub fn tty_size(rows: i64, cols: i64) -> BoxliteResult<TtySize> {
+        let cell = |n: i64| u16::try_from(n).ok().filter(|n| *n > 0);
+        match (cell(rows), cell(cols)) {
+            (Some(rows), Some(cols)) => Ok(TtySize { rows, cols }),
+            _ => Err(BoxliteError::invalid(
+                "tty",
+                format!(
+                    "({rows}, {cols}) is not a terminal size: rows and cols must be 1 to 65535"
+                ),
+            )),
+        }
     }
     pub fn timeout(mut self, timeout: Seconds) -> Self {
         self.timeout = Some(timeout);
@@ -184,7 +198,7 @@ impl Execution {
             }
             other => {
                 counters.error();
-                return Err(BoxliteError::GuestProtocol(format!(
+                return Err(BoxliteError::protocol(format!(
                     "expected Started, got {other:?}"
                 )));
             }
@@ -290,10 +304,10 @@ impl Execution {
         let status = status?;
         if status.timed_out {
             self.inner.counters.error();
-            return Err(BoxliteError::ExecTimeout {
+            return Err(BoxliteError::from(ExecError::Timeout {
                 command: self.inner.command.clone(),
                 timeout: self.inner.timeout.unwrap_or_default(),
-            });
+            }));
         }
         let exit_code = match (status.code, status.signal) {
             (Some(code), _) => code,
@@ -313,13 +327,11 @@ impl Execution {
         let value = exit
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| {
-                BoxliteError::GuestProtocol("the execution ended without a status".into())
-            })?
+            .map_err(|_| BoxliteError::protocol("the execution ended without a status"))?
             .clone();
         match value {
             Some(Ok(status)) => Ok(status),
-            Some(Err(reason)) => Err(BoxliteError::GuestProtocol(format!(
+            Some(Err(reason)) => Err(BoxliteError::protocol(format!(
                 "`{}` did not finish: {reason}",
                 self.inner.command
             ))),
@@ -332,11 +344,13 @@ fn start_error(command: &str, kind: boxlite_proto::ErrorKind, message: String) -
     use boxlite_proto::ErrorKind as K;
     match kind {
         K::InvalidArgument => BoxliteError::invalid("exec", message),
-        K::NotFound | K::SpawnFailed | K::Io | K::Unsupported => BoxliteError::ExecStartFailed {
-            command: command.to_owned(),
-            reason: message,
-        },
-        K::Internal => BoxliteError::GuestProtocol(format!("guest agent error: {message}")),
+        K::NotFound | K::SpawnFailed | K::Io | K::Unsupported => {
+            BoxliteError::from(ExecError::StartFailed {
+                command: command.to_owned(),
+                reason: message,
+            })
+        }
+        K::Internal => BoxliteError::protocol(format!("guest agent error: {message}")),
     }
 }
 
@@ -455,23 +469,6 @@ impl Drop for ExecStdin {
 }
 
 /// The protocol request for `command` once image and box defaults are applied.
-pub(crate) fn to_request(
-    command: &BoxCommand,
-    env: Vec<(String, String)>,
-    cwd: Option<String>,
-    user: Option<String>,
-) -> ExecRequest {
-    ExecRequest {
-        program: command.program.clone(),
-        args: command.args.clone(),
-        env,
-        cwd,
-        user,
-        tty: command.tty,
-        timeout_ms: command.timeout.map(Seconds::as_millis),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,14 +36,18 @@ mod vm;
 pub mod vmm;
 
 pub use boxlite_proto::TtySize;
-pub use error::{BoxliteError, BoxliteResult};
+pub use copy::{CopyOptions, READ_FILE_LIMIT};
+pub use error::{
+    BoxliteError, BoxliteResult, EngineError, ExecError, GuestError, ImageError, StateError,
+    StorageError,
+};
 pub use exec::{BoxCommand, ExecResult, ExecStdin, Execution, OutputStream};
 pub use ids::{BoxID, ContainerID};
 pub use litebox::{BoxInfo, BoxStatus, LiteBox};
 pub use metrics::{BoxMetrics, RuntimeMetrics};
 pub use options::{default_home, BoxOptions, BoxliteOptions};
 pub use runtime::BoxliteRuntime;
-pub use units::{Bytes, Seconds};
+pub use units::{rfc3339, Bytes, Seconds};
 pub use vmm::{Accel, AccelChoice};
 
 /// The version of this crate (and of the guest protocol it speaks, see `boxlite_proto`).

@@ -66,12 +66,13 @@ pub fn default_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".boxlite"))
 }
 
-/// What one box is made of.
+/// What one box is made of: the one model of a box, validated here and stored in the state
+/// database. Fields added by later releases default when an older record is read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoxOptions {
     /// An OCI image layout directory (`index.json`, `blobs/`) to boot from.
     pub rootfs_path: Option<PathBuf>,
-    /// An image reference; registries come with a later release.
+    /// An image reference (`alpine`, `python:slim`, `registry:5000/app@sha256:...`).
     pub image: Option<String>,
     /// A unique, human name for the box.
     pub name: Option<String>,
@@ -85,26 +86,39 @@ pub struct BoxOptions {
     pub user: Option<String>,
     /// The box's disk size; never smaller than the image (the guest filesystem grows to it).
     pub disk_size: Option<Bytes>,
+    /// Replaces the image's ENTRYPOINT in the box's default command (and drops its CMD).
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's CMD in the box's default command.
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    /// The default command runs under a terminal.
+    #[serde(default)]
+    pub tty: bool,
     /// Remove the box (disk and record) when it stops.
     pub auto_remove: bool,
     /// Keep the VM running after the creating process exits; any process with the same
-    /// home can `get` it later.
+    /// home can `get` it later. Needs `auto_remove` off (a detached box outlives its handle).
     pub detach: bool,
 }
 
 impl Default for BoxOptions {
+    /// The published package's defaults: 1 CPU, 1 GiB, removed when stopped, not detached.
     fn default() -> Self {
         Self {
             rootfs_path: None,
             image: None,
             name: None,
             cpus: 1,
-            memory: Bytes::from_mib(512),
+            memory: Bytes::from_mib(1024),
             working_dir: None,
             env: Vec::new(),
             user: None,
             disk_size: None,
-            auto_remove: false,
+            entrypoint: None,
+            cmd: None,
+            tty: false,
+            auto_remove: true,
             detach: false,
         }
     }
@@ -167,6 +181,25 @@ impl BoxOptions {
         if let Some(name) = &self.name {
             validate_name(name)?;
         }
+        for (field, argv) in [("entrypoint", &self.entrypoint), ("cmd", &self.cmd)] {
+            if let Some(argv) = argv {
+                validate_argv(field, argv)?;
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.contains('\0') {
+                return Err(BoxliteError::invalid(
+                    "user",
+                    "give a user name or uid, optionally with :group or :gid",
+                ));
+            }
+        }
+        if self.detach && self.auto_remove {
+            return Err(BoxliteError::invalid(
+                "detach",
+                "a detached box must outlive its handle: set auto_remove=False (or auto_delete=0)",
+            ));
+        }
         if let Some(size) = self.disk_size {
             if size < Bytes::from_mib(256) {
                 return Err(BoxliteError::invalid(
@@ -189,6 +222,17 @@ pub(crate) fn validate_box_path(field: &str, path: &str) -> BoxliteResult<()> {
     }
     if path.contains('\0') {
         return Err(BoxliteError::invalid(field, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// Words of a command line: no NUL bytes (they cannot cross `execve`).
+pub(crate) fn validate_argv(field: &str, argv: &[String]) -> BoxliteResult<()> {
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(BoxliteError::invalid(
+            field,
+            "arguments cannot contain NUL bytes",
+        ));
     }
     Ok(())
 }
@@ -237,6 +281,7 @@ mod tests {
     fn layout_box() -> BoxOptions {
         BoxOptions {
             rootfs_path: Some("/x".into()),
+            memory: Bytes::from_mib(256),
             ..BoxOptions::default()
         }
     }
@@ -327,6 +372,34 @@ mod tests {
                 },
                 "name",
             ),
+            (
+                BoxOptions {
+                    cmd: Some(vec!["a\0b".into()]),
+                    ..layout_box()
+                },
+                "cmd",
+            ),
+            (
+                BoxOptions {
+                    entrypoint: Some(vec!["\0".into()]),
+                    ..layout_box()
+                },
+                "entrypoint",
+            ),
+            (
+                BoxOptions {
+                    user: Some(String::new()),
+                    ..layout_box()
+                },
+                "user",
+            ),
+            (
+                BoxOptions {
+                    detach: true,
+                    ..layout_box()
+                },
+                "detach",
+            ),
         ];
         for (options, field) in cases {
             let err = options.validate().unwrap_err();
@@ -335,6 +408,29 @@ mod tests {
                 other => panic!("{field}: unexpected {other}"),
             }
         }
+    }
+
+    #[test]
+    fn defaults_follow_the_published_package() {
+        let d = BoxOptions::default();
+        assert_eq!((d.cpus, d.memory.as_mib()), (1, 1024));
+        assert!(d.auto_remove && !d.detach && !d.tty);
+        let detached = BoxOptions {
+            detach: true,
+            auto_remove: false,
+            ..layout_box()
+        };
+        detached.validate().unwrap();
+    }
+
+    #[test]
+    fn records_of_the_previous_release_read_with_defaults() {
+        let old = r#"{"rootfs_path":"img","image":null,"name":"legacy","cpus":1,"memory":268435456,"working_dir":"/tmp","env":[["A","1"]],"user":null,"disk_size":null,"auto_remove":false,"detach":false}"#;
+        let options: BoxOptions = serde_json::from_str(old).unwrap();
+        assert_eq!(options.entrypoint, None);
+        assert_eq!(options.cmd, None);
+        assert!(!options.tty);
+        assert_eq!(options.memory.as_mib(), 256);
     }
 
     #[test]

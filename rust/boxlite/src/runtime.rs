@@ -8,15 +8,15 @@ use std::time::Instant;
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
 use crate::disks::{create_overlay, BaseDiskStore};
-use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use crate::error::{task_failed, BoxliteError, BoxliteResult, IoContext};
 use crate::fsutil::{FileLock, LockMode};
 use crate::ids::BoxID;
-use crate::images::{ImageManager, OciLayout};
-use crate::litebox::{BoxInfo, BoxInner, BoxStatus, LiteBox};
+use crate::images::{ImageConfig, ImageManager, OciLayout};
+use crate::litebox::{BoxInfo, BoxInner, BoxStatus, Connection, Event, LiteBox};
 use crate::metrics::{RuntimeMetrics, StageTimings};
 use crate::options::{BoxOptions, BoxliteOptions};
-use crate::state::{now_ms, BoxRecord, StateStore};
-use crate::vm::VmEnv;
+use crate::state::{now_ms, BoxRecord, ProcessId, StateStore};
+use crate::vm::{socket_path, VmEnv};
 use crate::vmm::{accel, qemu::QemuEngine, Accel, AccelChoice, GuestBundle};
 
 /// The entry point: makes boxes and finds them again. Clones share one runtime; several
@@ -38,6 +38,9 @@ pub(crate) struct RuntimeShared {
     boot_slots: Semaphore,
     /// Boxes with a live handle in this process, so `get` returns the same box.
     live: Mutex<HashMap<BoxID, Weak<BoxInner>>>,
+    /// Connections to the boxes this runtime started without `detach`: they run until it
+    /// closes (or this process ends), whether or not a handle is kept.
+    owned: Mutex<HashMap<BoxID, Arc<Connection>>>,
 }
 
 impl RuntimeShared {
@@ -81,9 +84,17 @@ impl RuntimeShared {
             .map_err(|_| BoxliteError::Internal("boot slots closed".into()))
     }
 
-    /// The cross-process lock of one box (held during create, start, stop and remove).
-    pub async fn lock_box(&self, dir: &Path) -> BoxliteResult<FileLock> {
-        FileLock::acquire(dir.join("lock"), LockMode::Exclusive).await
+    fn lock_path(&self, id: &BoxID) -> PathBuf {
+        self.box_dir(id).join("lock")
+    }
+
+    /// The cross-process lock of one box (held during create, start, stop and remove);
+    /// `BoxNotFound` once the box has been removed.
+    pub async fn lock_box(&self, id: &BoxID) -> BoxliteResult<FileLock> {
+        if !self.box_dir(id).is_dir() {
+            return Err(BoxliteError::BoxNotFound { id: id.to_string() });
+        }
+        FileLock::acquire(self.lock_path(id), LockMode::Exclusive).await
     }
 
     pub fn forget(&self, id: &BoxID) {
@@ -92,9 +103,98 @@ impl RuntimeShared {
         }
     }
 
-    fn box_dir(&self, id: &BoxID) -> PathBuf {
+    pub fn keep_owned(&self, id: BoxID, conn: Arc<Connection>) {
+        if let Ok(mut owned) = self.owned.lock() {
+            owned.insert(id, conn);
+        }
+    }
+
+    pub fn release_owned(&self, id: &BoxID) {
+        let released = self.owned.lock().ok().and_then(|mut o| o.remove(id));
+        drop(released);
+    }
+
+    pub fn box_dir(&self, id: &BoxID) -> PathBuf {
         self.options.home_dir.join("boxes").join(id.to_string())
     }
+
+    /// Where a box's supervisor listens.
+    pub fn shim_socket(&self, id: &BoxID) -> BoxliteResult<PathBuf> {
+        socket_path(self.box_dir(id).join("shim.sock"), &id.to_string())
+    }
+
+    /// Brings a record's status in line with what is really running: a supervisor that died
+    /// means the engine is gone; a start whose starter died (its lock is free) failed; a
+    /// creation whose creator died is rolled back (`BoxNotFound`).
+    pub fn reconcile(&self, record: BoxRecord) -> BoxliteResult<BoxRecord> {
+        let lock_held = || FileLock::is_held(&self.lock_path(&record.id));
+        if record.creator.is_some_and(|c| !c.is_alive()) && !lock_held() {
+            tracing::info!(box_id = %record.id, "rolling back a creation whose creator died");
+            if let Some(shim) = record.shim.filter(ProcessId::is_alive) {
+                kill_now(shim);
+            }
+            self.store.delete(&record.id)?;
+            let _ = std::fs::remove_dir_all(self.box_dir(&record.id));
+            return Err(BoxliteError::BoxNotFound {
+                id: record.id.to_string(),
+            });
+        }
+        let supervisor_alive = record.shim.is_some_and(|s| s.is_alive());
+        let gone = match record.status {
+            BoxStatus::Running | BoxStatus::Stopping => !supervisor_alive,
+            BoxStatus::Starting => !lock_held(),
+            _ => false,
+        };
+        if !gone {
+            return Ok(record);
+        }
+        if let Some(shim) = record.shim.filter(|_| supervisor_alive) {
+            // A start whose starter died: its detached supervisor has no one to serve.
+            kill_now(shim);
+        }
+        let reported = match record.shim {
+            Some(shim) => self.store.engine_gone(&record.id, shim)?,
+            None => self.store.apply(&record.id, Event::EngineGone, None)?,
+        };
+        let status = reported.unwrap_or_else(|| record.status.after_supervisor_died());
+        Ok(BoxRecord {
+            status,
+            shim: None,
+            engine_pid: None,
+            ..record
+        })
+    }
+
+    fn record_or_not_found(&self, id_or_name: &str) -> BoxliteResult<BoxRecord> {
+        let record = self
+            .store
+            .find(id_or_name)?
+            .ok_or_else(|| BoxliteError::BoxNotFound {
+                id: id_or_name.to_owned(),
+            })?;
+        self.reconcile(record)
+    }
+}
+
+impl Drop for RuntimeShared {
+    fn drop(&mut self) {
+        // The boxes this runtime started without `detach` end with it.
+        let owned: Vec<(BoxID, Arc<Connection>)> = self
+            .owned
+            .lock()
+            .map(|mut o| o.drain().collect())
+            .unwrap_or_default();
+        for (id, conn) in owned {
+            let shim = conn.shim;
+            drop(conn);
+            let _ = self.store.engine_gone(&id, shim);
+        }
+    }
+}
+
+fn kill_now(process: ProcessId) {
+    // SAFETY: kill(2) on a pid whose start time the caller just checked.
+    unsafe { libc::kill(process.pid as libc::pid_t, libc::SIGKILL) };
 }
 
 impl BoxliteRuntime {
@@ -116,7 +216,7 @@ impl BoxliteRuntime {
             .ctx(|| format!("creating {}", home.display()))?;
         let disks = BaseDiskStore::new(&home.join("images"))?;
         let images = ImageManager::open(home, &options.image_registries)?;
-        let store = StateStore::open(&home.join("boxlite.db"))?;
+        let store = StateStore::open(home)?;
         let boot_slots = Semaphore::new(options.max_concurrent_boots.max(1));
         let runtime = Self {
             shared: Arc::new(RuntimeShared {
@@ -128,6 +228,7 @@ impl BoxliteRuntime {
                 images,
                 boot_slots,
                 live: Mutex::new(HashMap::new()),
+                owned: Mutex::new(HashMap::new()),
             }),
         };
         runtime.recover()?;
@@ -139,20 +240,13 @@ impl BoxliteRuntime {
         let shared = &self.shared;
         let records = shared.store.list()?;
         for record in &records {
-            let alive = record.shim.is_some_and(|p| p.is_alive());
-            if matches!(
-                record.status,
-                BoxStatus::Running | BoxStatus::Starting | BoxStatus::Stopping
-            ) && !alive
-            {
-                tracing::info!(box_id = %record.id, "the box's supervisor is gone; marking it stopped");
-                shared
-                    .store
-                    .mark_if(&record.id, record.status, BoxStatus::Stopped)?;
-                if record.options.auto_remove {
-                    shared.store.delete(&record.id)?;
-                    let _ = std::fs::remove_dir_all(shared.box_dir(&record.id));
-                }
+            let Ok(now) = shared.reconcile(record.clone()) else {
+                continue; // rolled back
+            };
+            let ended = record.status.has_engine() && !now.status.has_engine();
+            if ended && now.options.auto_remove && !FileLock::is_held(&shared.lock_path(&now.id)) {
+                shared.store.delete(&now.id)?;
+                let _ = std::fs::remove_dir_all(shared.box_dir(&now.id));
             }
         }
         // Directories without a record are creations that died half-way (their lock is free).
@@ -201,7 +295,8 @@ impl BoxliteRuntime {
     }
 
     /// Creates a box from `options` and boots it; returns once its agent is ready. If any
-    /// stage fails, nothing of the box is left behind.
+    /// stage fails, nothing of the box is left behind; if this process dies half-way, the
+    /// next runtime to open the home rolls the creation back.
     pub async fn create(&self, options: BoxOptions) -> BoxliteResult<LiteBox> {
         options.validate()?;
         let result = self.create_validated(options).await;
@@ -214,31 +309,57 @@ impl BoxliteRuntime {
 
     async fn create_validated(&self, options: BoxOptions) -> BoxliteResult<LiteBox> {
         let started = Instant::now();
+        let shared = &self.shared;
         if let Some(name) = &options.name {
-            if self.shared.store.find(name)?.is_some() {
-                return Err(BoxliteError::invalid(
-                    "name",
-                    format!("a box named {name:?} already exists"),
-                ));
+            // A record left by a creator that died is rolled back here, freeing its name.
+            if let Some(record) = shared.store.find(name)? {
+                if shared.reconcile(record).is_ok() {
+                    return Err(BoxliteError::AlreadyExists {
+                        what: "a box",
+                        name: name.clone(),
+                    });
+                }
             }
         }
         let mut stages = StageTimings::default();
 
         let stage = Instant::now();
         let id = BoxID::new();
-        let dir = self.shared.box_dir(&id);
+        let dir = shared.box_dir(&id);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let mut cleanup = HalfCreated {
-            dir: Some(dir.clone()),
-            shared: &self.shared,
+            armed: true,
+            shared,
             id,
         };
-        let lock = self.shared.lock_box(&dir).await?;
+        let lock = shared.lock_box(&id).await?;
+        // The name is reserved before the slow stages; the record is complete only when the
+        // box has started.
+        let record = BoxRecord {
+            id,
+            name: options.name.clone(),
+            image: String::new(),
+            image_config: ImageConfig::default(),
+            base_disk: PathBuf::new(),
+            status: BoxStatus::Configured,
+            shim: None,
+            engine_pid: None,
+            creator: ProcessId::current(),
+            created_at_ms: now_ms(),
+            started_at_ms: None,
+            options,
+        };
+        if let Err(e) = shared.store.insert(&record) {
+            cleanup.armed = false;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         stages.filesystem_setup_ms = Some(stage.elapsed().as_millis());
 
         let stage = Instant::now();
+        let options = &record.options;
         // Holds off image GC until the overlay references the base disk.
-        let images_hold = self.shared.images.hold().await?;
+        let images_hold = shared.images.hold().await?;
         let (layout, resolved, image_name) = match (&options.rootfs_path, &options.image) {
             (Some(path), _) => {
                 let layout = OciLayout::open(path)?;
@@ -246,54 +367,48 @@ impl BoxliteRuntime {
                     let layout = layout.clone();
                     tokio::task::spawn_blocking(move || layout.resolve(None))
                         .await
-                        .map_err(|e| BoxliteError::Internal(format!("image task failed: {e}")))??
+                        .map_err(|e| task_failed("image", e))??
                 };
                 (layout, resolved, path.display().to_string())
             }
             // A cached image is used without any network call; a missing one is pulled.
             (None, Some(reference)) => {
-                let image = self.shared.images.prepare(reference).await?;
+                let image = shared.images.prepare(reference).await?;
                 (image.layout, image.resolved, image.reference)
             }
             (None, None) => {
                 return Err(BoxliteError::invalid(
                     "rootfs_path",
-                    "give an OCI image layout directory",
+                    "give an OCI image layout directory (rootfs_path) or an image",
                 ))
             }
         };
         stages.image_prepare_ms = Some(stage.elapsed().as_millis());
 
         let stage = Instant::now();
-        let env = self.shared.vm_env().await?;
+        let env = shared.vm_env().await?;
         let base = {
-            let _slot = self.shared.boot_slot().await?;
-            self.shared.disks.ensure(&layout, &resolved, &env).await?
+            let _slot = shared.boot_slot().await?;
+            shared.disks.ensure(&layout, &resolved, &env).await?
         };
         create_overlay(&base.path, &dir.join("disk.qcow2"), options.disk_size).await?;
         drop(images_hold);
+        shared
+            .store
+            .set_image(&id, &image_name, &base.config, &base.path)?;
         stages.guest_rootfs_ms = Some(stage.elapsed().as_millis());
 
-        let record = BoxRecord {
-            id,
-            name: options.name.clone(),
-            options,
-            image: image_name,
-            image_config: base.config,
-            base_disk: base.path,
-            status: BoxStatus::Configured,
-            shim: None,
-            engine_pid: None,
-            created_at_ms: now_ms(),
-            started_at_ms: None,
-        };
-        self.shared.store.insert(&record)?;
-        let litebox = LiteBox::from_record(record, dir, self.shared.clone());
+        let mut record = record;
+        record.image = image_name;
+        record.image_config = base.config;
+        record.base_disk = base.path;
+        let litebox = LiteBox::from_record(record, shared.clone());
         litebox.set_stages(stages);
         drop(lock);
         litebox.start().await?;
+        shared.store.finish_creation(&id)?;
         litebox.record_create_total(started.elapsed().as_millis());
-        cleanup.dir = None;
+        cleanup.armed = false;
         self.remember(&litebox);
         Ok(litebox)
     }
@@ -305,16 +420,17 @@ impl BoxliteRuntime {
         }
     }
 
-    /// A box by id or name, from this process or any other sharing the home. A running box
-    /// started elsewhere is reattached on first use.
-    pub fn get(&self, id_or_name: &str) -> BoxliteResult<LiteBox> {
-        let record =
-            self.shared
-                .store
-                .find(id_or_name)?
-                .ok_or_else(|| BoxliteError::BoxNotFound {
-                    id: id_or_name.to_owned(),
-                })?;
+    /// A box by id or name, from this process or any other sharing the home, or `None`. A
+    /// running box started elsewhere is reattached on first use.
+    pub fn get(&self, id_or_name: &str) -> BoxliteResult<Option<LiteBox>> {
+        match self.shared.record_or_not_found(id_or_name) {
+            Ok(record) => Ok(Some(self.handle(record))),
+            Err(BoxliteError::BoxNotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn handle(&self, record: BoxRecord) -> LiteBox {
         if let Some(existing) = self
             .shared
             .live
@@ -322,55 +438,80 @@ impl BoxliteRuntime {
             .ok()
             .and_then(|live| live.get(&record.id).and_then(LiteBox::upgrade))
         {
-            return Ok(existing);
+            return existing;
         }
-        let dir = self.shared.box_dir(&record.id);
-        let litebox = LiteBox::from_record(record, dir, self.shared.clone());
+        let litebox = LiteBox::from_record(record, self.shared.clone());
         self.remember(&litebox);
-        Ok(litebox)
+        litebox
     }
 
-    pub fn get_info(&self, id_or_name: &str) -> BoxliteResult<BoxInfo> {
-        Ok(self.get(id_or_name)?.info())
+    pub fn get_info(&self, id_or_name: &str) -> BoxliteResult<Option<BoxInfo>> {
+        self.get(id_or_name)?.map(|b| b.try_info()).transpose()
     }
 
     /// Every box recorded in the home, oldest first.
     pub fn list_info(&self) -> BoxliteResult<Vec<BoxInfo>> {
         let records = self.shared.store.list()?;
         Ok(records
-            .iter()
-            .filter_map(|r| self.get(&r.id.to_string()).ok())
-            .map(|b| b.info())
+            .into_iter()
+            .filter_map(|r| self.shared.reconcile(r).ok())
+            .filter_map(|r| self.handle(r).try_info().ok())
             .collect())
     }
 
-    /// Deletes a box; a running one needs `force` (it is stopped first).
+    /// Deletes a box; a running one needs `force` (it is stopped first). `BoxNotFound` if
+    /// there is no such box.
     pub async fn remove(&self, id_or_name: &str, force: bool) -> BoxliteResult<()> {
-        self.get(id_or_name)?.remove(force).await
+        let record = self.shared.record_or_not_found(id_or_name)?;
+        self.handle(record).remove(force).await
     }
 
-    /// Boxes with a live handle in this process.
+    /// Boxes with a live handle in this process, and those this runtime started and keeps.
     pub fn boxes(&self) -> Vec<LiteBox> {
-        self.shared
-            .live
+        let mut ids: Vec<BoxID> = self
+            .shared
+            .owned
             .lock()
-            .map(|live| live.values().filter_map(LiteBox::upgrade).collect())
-            .unwrap_or_default()
+            .map(|o| o.keys().copied().collect())
+            .unwrap_or_default();
+        if let Ok(live) = self.shared.live.lock() {
+            ids.extend(
+                live.iter()
+                    .filter(|(_, w)| w.strong_count() > 0)
+                    .map(|(id, _)| *id),
+            );
+        }
+        ids.sort();
+        ids.dedup();
+        ids.iter()
+            .filter_map(|id| self.get(&id.to_string()).ok().flatten())
+            .collect()
+    }
+
+    /// Stops every box this runtime started or handles, concurrently.
+    pub async fn close(&self) -> BoxliteResult<()> {
+        let stops = self
+            .boxes()
+            .into_iter()
+            .map(|b| async move { b.stop().await });
+        let results = futures_util::future::join_all(stops).await;
+        results.into_iter().collect()
     }
 }
 
 /// Undoes a creation that did not finish: record, directory, and anything running.
 struct HalfCreated<'a> {
-    dir: Option<PathBuf>,
+    armed: bool,
     shared: &'a RuntimeShared,
     id: BoxID,
 }
 
 impl Drop for HalfCreated<'_> {
     fn drop(&mut self) {
-        if let Some(dir) = self.dir.take() {
+        if self.armed {
+            self.shared.release_owned(&self.id);
             let _ = self.shared.store.delete(&self.id);
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_dir_all(self.shared.box_dir(&self.id));
         }
     }
 }

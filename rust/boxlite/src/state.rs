@@ -1,19 +1,20 @@
 //! The state database: one row per box in `<home>/boxlite.db` (SQLite, WAL), so any process
-//! with the same home can list, reattach, stop and remove boxes.
+//! with the same home can list, reattach, stop and remove boxes. It is the one owner of a
+//! box's options and status; status changes are compare-and-set moves of the state machine in
+//! `litebox::status`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::error::{BoxliteError, BoxliteResult};
+use crate::error::{BoxliteError, BoxliteResult, StateError};
 use crate::ids::BoxID;
 use crate::images::ImageConfig;
-use crate::litebox::BoxStatus;
+use crate::litebox::{BoxStatus, Event};
 use crate::options::BoxOptions;
 
-/// A process identity that survives pid reuse: the pid and its start time in clock ticks
-/// since boot (`/proc/<pid>/stat` field 22).
+/// A process identity that survives pid reuse: the pid and its start time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessId {
     pub pid: u32,
@@ -23,6 +24,10 @@ pub struct ProcessId {
 impl ProcessId {
     pub fn of(pid: u32) -> Option<Self> {
         crate::sys::process_start(pid).map(|(start_time, _)| Self { pid, start_time })
+    }
+
+    pub fn current() -> Option<Self> {
+        Self::of(std::process::id())
     }
 
     /// Alive, not a zombie, and the same process that was recorded.
@@ -37,6 +42,7 @@ pub(crate) struct BoxRecord {
     pub id: BoxID,
     pub name: Option<String>,
     pub options: BoxOptions,
+    /// The image reference or layout path, for listings.
     pub image: String,
     pub image_config: ImageConfig,
     pub base_disk: PathBuf,
@@ -45,6 +51,9 @@ pub(crate) struct BoxRecord {
     pub shim: Option<ProcessId>,
     /// The VM engine process, while it runs.
     pub engine_pid: Option<u32>,
+    /// The process creating the box, until its creation is complete. A record whose creator
+    /// died is a creation that never finished: it is rolled back.
+    pub creator: Option<ProcessId>,
     /// Milliseconds since the Unix epoch.
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
@@ -54,6 +63,10 @@ pub(crate) struct BoxRecord {
 pub(crate) struct StateStore {
     conn: Mutex<Connection>,
 }
+
+/// The schema this build writes. Version 0 is the first release (no `user_version`, the
+/// default command kept in `<box>/command.json`).
+pub(crate) const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS boxes (
@@ -68,16 +81,17 @@ CREATE TABLE IF NOT EXISTS boxes (
     shim_start    INTEGER,
     engine_pid    INTEGER,
     created_at_ms INTEGER NOT NULL,
-    started_at_ms INTEGER
+    started_at_ms INTEGER,
+    creator_pid   INTEGER,
+    creator_start INTEGER
 );";
 
-fn initialize(conn: &Connection) -> rusqlite::Result<()> {
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-    }
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.execute_batch(SCHEMA)
+/// The first release's file holding `entrypoint`, `cmd` and `tty` beside the record.
+const V0_COMMAND_FILE: &str = "command.json";
+
+fn sqlite(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> BoxliteError {
+    let context = context.into();
+    move |source| StateError::Sqlite { context, source }.into()
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {
@@ -88,8 +102,12 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-fn db_error(e: rusqlite::Error) -> BoxliteError {
-    BoxliteError::Database(e.to_string())
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
 }
 
 fn json<T: serde::Serialize>(value: &T) -> BoxliteResult<String> {
@@ -97,123 +115,294 @@ fn json<T: serde::Serialize>(value: &T) -> BoxliteResult<String> {
         .map_err(|e| BoxliteError::Internal(format!("serializing state: {e}")))
 }
 
+/// Brings a database of any earlier schema to `SCHEMA_VERSION`, in one transaction. Returns
+/// side files that may be deleted once it is committed.
+fn migrate(conn: &mut Connection, boxes_dir: &Path) -> rusqlite::Result<Vec<PathBuf>> {
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let has_boxes: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'boxes')",
+        [],
+        |row| row.get(0),
+    )?;
+    let mut leftovers = Vec::new();
+    if version > SCHEMA_VERSION {
+        // Reported by the caller; nothing is touched.
+        return Ok(leftovers);
+    }
+    if !has_boxes {
+        tx.execute_batch(SCHEMA)?;
+    } else if version < 1 {
+        leftovers = migrate_v0_to_v1(&tx, boxes_dir)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(leftovers)
+}
+
+/// v0 -> v1: creation tracking columns; the default command moves from `command.json` into
+/// the options.
+fn migrate_v0_to_v1(tx: &Transaction<'_>, boxes_dir: &Path) -> rusqlite::Result<Vec<PathBuf>> {
+    tx.execute_batch(
+        "ALTER TABLE boxes ADD COLUMN creator_pid INTEGER;
+         ALTER TABLE boxes ADD COLUMN creator_start INTEGER;",
+    )?;
+    let rows: Vec<(String, String)> = {
+        let mut stmt = tx.prepare("SELECT id, options FROM boxes")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut folded = Vec::new();
+    for (id, options) in rows {
+        let file = boxes_dir.join(&id).join(V0_COMMAND_FILE);
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let (Ok(serde_json::Value::Object(command)), Ok(serde_json::Value::Object(mut opts))) = (
+            serde_json::from_str::<serde_json::Value>(&text),
+            serde_json::from_str::<serde_json::Value>(&options),
+        ) else {
+            tracing::warn!(box_id = %id, "unreadable {V0_COMMAND_FILE}; the box keeps the image's default command");
+            continue;
+        };
+        for key in ["entrypoint", "cmd", "tty"] {
+            if let Some(value) = command.get(key) {
+                opts.insert(key.to_owned(), value.clone());
+            }
+        }
+        let updated = serde_json::Value::Object(opts).to_string();
+        tx.execute(
+            "UPDATE boxes SET options = ?2 WHERE id = ?1",
+            params![id, updated],
+        )?;
+        folded.push(file);
+    }
+    Ok(folded)
+}
+
 impl StateStore {
-    pub fn open(path: &Path) -> BoxliteResult<Self> {
-        let conn = Connection::open(path)
-            .map_err(|e| BoxliteError::Database(format!("opening {}: {e}", path.display())))?;
+    /// Opens (creating or migrating) `<home>/boxlite.db`.
+    pub fn open(home: &Path) -> BoxliteResult<Self> {
+        let path = home.join("boxlite.db");
+        let mut conn =
+            Connection::open(&path).map_err(sqlite(format!("opening {}", path.display())))?;
         // Several processes may share a home: wait for each other's short transactions.
         conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(db_error)?;
-        // Switching to WAL and creating the schema can fail with SQLITE_BUSY without the busy
-        // handler being consulted when two processes open a new home at once: retry.
+            .map_err(sqlite("setting the busy timeout"))?;
+        // Switching to WAL and migrating can fail with SQLITE_BUSY without the busy handler
+        // being consulted when two processes open a new home at once: retry.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match initialize(&conn) {
-                Ok(()) => break,
+        let leftovers = loop {
+            match migrate(&mut conn, &home.join("boxes")) {
+                Ok(leftovers) => break leftovers,
                 Err(e) if is_busy(&e) && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(e) => return Err(db_error(e)),
+                Err(e) => return Err(sqlite(format!("migrating {}", path.display()))(e)),
             }
+        };
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(sqlite("reading the schema version"))?;
+        if version > SCHEMA_VERSION {
+            return Err(StateError::NewerSchema {
+                found: version,
+                supported: SCHEMA_VERSION,
+            }
+            .into());
+        }
+        for file in leftovers {
+            let _ = std::fs::remove_file(file);
         }
         Ok(Self {
             conn: Mutex::new(conn),
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> BoxliteResult<T> {
+    fn with<T>(
+        &self,
+        context: &str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> BoxliteResult<T> {
         let conn = self
             .conn
             .lock()
             .map_err(|_| BoxliteError::Internal("state lock poisoned".into()))?;
-        f(&conn).map_err(db_error)
+        f(&conn).map_err(sqlite(context))
     }
 
-    /// Adds a box; a taken name is an invalid-argument error.
+    /// Adds a box; a taken name is `AlreadyExists`.
     pub fn insert(&self, record: &BoxRecord) -> BoxliteResult<()> {
         let options = json(&record.options)?;
         let config = json(&record.image_config)?;
-        let result = self.with(|c| {
-            c.execute(
-                "INSERT INTO boxes (id, name, options, image, image_config, base_disk, status, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    record.id.to_string(),
-                    record.name,
-                    options,
-                    record.image,
-                    config,
-                    record.base_disk.to_string_lossy(),
-                    record.status.as_str(),
-                    record.created_at_ms
-                ],
-            )
-        });
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| BoxliteError::Internal("state lock poisoned".into()))?;
+        let result = conn.execute(
+            "INSERT INTO boxes (id, name, options, image, image_config, base_disk, status,
+                                created_at_ms, creator_pid, creator_start)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                record.id.to_string(),
+                record.name,
+                options,
+                record.image,
+                config,
+                record.base_disk.to_string_lossy(),
+                record.status.as_str(),
+                record.created_at_ms,
+                record.creator.map(|c| c.pid),
+                record.creator.map(|c| c.start_time as i64),
+            ],
+        );
         match result {
-            Err(BoxliteError::Database(msg)) if msg.contains("UNIQUE") && msg.contains("name") => {
-                Err(BoxliteError::invalid(
-                    "name",
-                    format!(
-                        "a box named {:?} already exists",
-                        record.name.as_deref().unwrap_or("")
-                    ),
-                ))
-            }
-            other => other.map(|_| ()),
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(BoxliteError::AlreadyExists {
+                what: "a box",
+                name: record.name.clone().unwrap_or_default(),
+            }),
+            Err(e) => Err(sqlite("adding a box")(e)),
         }
     }
 
-    /// Records a new status; `running` carries the processes, others clear them.
-    pub fn set_status(
+    /// Applies `event` if the box is in a status it can happen from (compare-and-set, so two
+    /// processes never both win); returns the new status, or `None` if it did not apply.
+    /// `Booted` records the running processes; `EngineGone` and `BootFailed` clear them.
+    pub fn apply(
         &self,
         id: &BoxID,
-        status: BoxStatus,
+        event: Event,
         running: Option<(ProcessId, u32)>,
-    ) -> BoxliteResult<()> {
-        let (shim_pid, shim_start, engine_pid) = match running {
-            Some((shim, engine)) => (Some(shim.pid), Some(shim.start_time as i64), Some(engine)),
-            None => (None, None, None),
-        };
-        let started = running.map(|_| now_ms());
-        self.with(|c| {
+    ) -> BoxliteResult<Option<BoxStatus>> {
+        self.apply_guarded(id, event, running, None)
+    }
+
+    /// `EngineGone` for the supervisor `shim` only: a report about an earlier run (a watcher
+    /// that woke late) must not end the run that followed it.
+    pub fn engine_gone(&self, id: &BoxID, shim: ProcessId) -> BoxliteResult<Option<BoxStatus>> {
+        self.apply_guarded(id, Event::EngineGone, None, Some(shim))
+    }
+
+    fn apply_guarded(
+        &self,
+        id: &BoxID,
+        event: Event,
+        running: Option<(ProcessId, u32)>,
+        supervisor: Option<ProcessId>,
+    ) -> BoxliteResult<Option<BoxStatus>> {
+        self.with("updating a box's status", |c| {
+            let tx = c.unchecked_transaction()?;
+            let current: Option<(String, Option<i64>, Option<i64>)> = tx
+                .query_row(
+                    "SELECT status, shim_pid, shim_start FROM boxes WHERE id = ?1",
+                    params![id.to_string()],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()?;
+            let Some((status, shim_pid, shim_start)) = current else {
+                return Ok(None);
+            };
+            if supervisor.is_some_and(|s| process(shim_pid, shim_start) != Some(s)) {
+                return Ok(None);
+            }
+            let Some(to) = BoxStatus::parse(&status).and_then(|s| s.on(event)) else {
+                return Ok(None);
+            };
+            match event {
+                Event::Booted => {
+                    let (shim, engine) = running.map_or((None, None), |(s, e)| (Some(s), Some(e)));
+                    tx.execute(
+                        "UPDATE boxes SET status = ?2, shim_pid = ?3, shim_start = ?4,
+                                engine_pid = ?5, started_at_ms = ?6
+                         WHERE id = ?1",
+                        params![
+                            id.to_string(),
+                            to.as_str(),
+                            shim.map(|s| s.pid),
+                            shim.map(|s| s.start_time as i64),
+                            engine,
+                            now_ms()
+                        ],
+                    )?;
+                }
+                Event::EngineGone | Event::BootFailed => {
+                    tx.execute(
+                        "UPDATE boxes SET status = ?2, shim_pid = NULL, shim_start = NULL,
+                                engine_pid = NULL
+                         WHERE id = ?1",
+                        params![id.to_string(), to.as_str()],
+                    )?;
+                }
+                Event::Start | Event::Stop => {
+                    tx.execute(
+                        "UPDATE boxes SET status = ?2 WHERE id = ?1",
+                        params![id.to_string(), to.as_str()],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(Some(to))
+        })
+    }
+
+    /// Records the supervisor of a box that is starting, so a crash mid-boot can be cleaned
+    /// up by whoever opens the home next.
+    pub fn set_supervisor(&self, id: &BoxID, shim: ProcessId, engine: u32) -> BoxliteResult<()> {
+        self.with("recording a box's supervisor", |c| {
             c.execute(
-                "UPDATE boxes SET status = ?2, shim_pid = ?3, shim_start = ?4, engine_pid = ?5,
-                        started_at_ms = COALESCE(?6, started_at_ms)
-                 WHERE id = ?1",
-                params![
-                    id.to_string(),
-                    status.as_str(),
-                    shim_pid,
-                    shim_start,
-                    engine_pid,
-                    started
-                ],
+                "UPDATE boxes SET shim_pid = ?2, shim_start = ?3, engine_pid = ?4 WHERE id = ?1",
+                params![id.to_string(), shim.pid, shim.start_time as i64, engine],
             )
         })?;
         Ok(())
     }
 
-    /// Moves a box from `from` to `to` only if it is still in `from` (crash recovery races).
-    pub fn mark_if(&self, id: &BoxID, from: BoxStatus, to: BoxStatus) -> BoxliteResult<bool> {
-        let n = self.with(|c| {
+    /// Records what the box boots from, once its image and base disk are prepared.
+    pub fn set_image(
+        &self,
+        id: &BoxID,
+        image: &str,
+        config: &ImageConfig,
+        base_disk: &Path,
+    ) -> BoxliteResult<()> {
+        let config = json(config)?;
+        self.with("recording a box's image", |c| {
             c.execute(
-                "UPDATE boxes SET status = ?3, shim_pid = NULL, shim_start = NULL, engine_pid = NULL
-                 WHERE id = ?1 AND status = ?2",
-                params![id.to_string(), from.as_str(), to.as_str()],
+                "UPDATE boxes SET image = ?2, image_config = ?3, base_disk = ?4 WHERE id = ?1",
+                params![id.to_string(), image, config, base_disk.to_string_lossy()],
             )
         })?;
-        Ok(n > 0)
+        Ok(())
+    }
+
+    /// The creation of the box is complete: it is no longer rolled back if its creator dies.
+    pub fn finish_creation(&self, id: &BoxID) -> BoxliteResult<()> {
+        self.with("finishing a box's creation", |c| {
+            c.execute(
+                "UPDATE boxes SET creator_pid = NULL, creator_start = NULL WHERE id = ?1",
+                params![id.to_string()],
+            )
+        })?;
+        Ok(())
     }
 
     pub fn delete(&self, id: &BoxID) -> BoxliteResult<()> {
-        self.with(|c| c.execute("DELETE FROM boxes WHERE id = ?1", params![id.to_string()]))?;
+        self.with("removing a box", |c| {
+            c.execute("DELETE FROM boxes WHERE id = ?1", params![id.to_string()])
+        })?;
         Ok(())
     }
 
     /// Finds a box by full id (any case) or by name.
     pub fn find(&self, id_or_name: &str) -> BoxliteResult<Option<BoxRecord>> {
         let key = id_or_name.to_ascii_uppercase();
-        self.with(|c| {
+        self.with("looking a box up", |c| {
             c.query_row(
                 &format!("SELECT {COLUMNS} FROM boxes WHERE id = ?1 OR name = ?2"),
                 params![key, id_or_name],
@@ -225,8 +414,12 @@ impl StateStore {
         .transpose()
     }
 
+    pub fn get(&self, id: &BoxID) -> BoxliteResult<Option<BoxRecord>> {
+        self.find(&id.to_string())
+    }
+
     pub fn list(&self) -> BoxliteResult<Vec<BoxRecord>> {
-        let raws = self.with(|c| {
+        let raws = self.with("listing boxes", |c| {
             let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM boxes ORDER BY id"))?;
             let rows = stmt.query_map([], row_to_raw)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -242,8 +435,8 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const COLUMNS: &str =
-    "id, name, options, image, image_config, base_disk, status, shim_pid, shim_start, engine_pid, created_at_ms, started_at_ms";
+const COLUMNS: &str = "id, name, options, image, image_config, base_disk, status, shim_pid, \
+     shim_start, engine_pid, created_at_ms, started_at_ms, creator_pid, creator_start";
 
 struct RawRecord {
     id: String,
@@ -258,6 +451,8 @@ struct RawRecord {
     engine_pid: Option<i64>,
     created_at_ms: i64,
     started_at_ms: Option<i64>,
+    creator_pid: Option<i64>,
+    creator_start: Option<i64>,
 }
 
 fn row_to_raw(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
@@ -274,20 +469,30 @@ fn row_to_raw(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
         engine_pid: row.get(9)?,
         created_at_ms: row.get(10)?,
         started_at_ms: row.get(11)?,
+        creator_pid: row.get(12)?,
+        creator_start: row.get(13)?,
     })
+}
+
+fn process(pid: Option<i64>, start: Option<i64>) -> Option<ProcessId> {
+    match (pid, start) {
+        (Some(pid), Some(start)) => Some(ProcessId {
+            pid: pid as u32,
+            start_time: start as u64,
+        }),
+        _ => None,
+    }
 }
 
 impl RawRecord {
     fn parse(self) -> BoxliteResult<BoxRecord> {
-        let corrupt = |what: &str, e: String| {
-            BoxliteError::Database(format!("box {}: bad {what}: {e}", self.id))
-        };
-        let shim = match (self.shim_pid, self.shim_start) {
-            (Some(pid), Some(start)) => Some(ProcessId {
-                pid: pid as u32,
-                start_time: start as u64,
-            }),
-            _ => None,
+        let corrupt = |what: &'static str, reason: String| -> BoxliteError {
+            StateError::Corrupt {
+                id: self.id.clone(),
+                what,
+                reason,
+            }
+            .into()
         };
         Ok(BoxRecord {
             id: BoxID::parse(&self.id).map_err(|e| corrupt("id", e.to_string()))?,
@@ -300,8 +505,9 @@ impl RawRecord {
             base_disk: PathBuf::from(&self.base_disk),
             status: BoxStatus::parse(&self.status)
                 .ok_or_else(|| corrupt("status", self.status.clone()))?,
-            shim,
+            shim: process(self.shim_pid, self.shim_start),
             engine_pid: self.engine_pid.map(|p| p as u32),
+            creator: process(self.creator_pid, self.creator_start),
             created_at_ms: self.created_at_ms,
             started_at_ms: self.started_at_ms,
         })
@@ -326,6 +532,7 @@ mod tests {
             status: BoxStatus::Configured,
             shim: None,
             engine_pid: None,
+            creator: ProcessId::current(),
             created_at_ms: now_ms(),
             started_at_ms: None,
         }
@@ -334,7 +541,7 @@ mod tests {
     #[test]
     fn records_round_trip_and_are_found_by_id_or_name() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("db")).unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
         let a = record(Some("alpha"));
         store.insert(&a).unwrap();
         assert_eq!(store.find("alpha").unwrap().unwrap(), a);
@@ -346,33 +553,57 @@ mod tests {
             a
         );
         assert!(store.find("beta").unwrap().is_none());
-        let me = ProcessId::of(std::process::id()).unwrap();
-        store
-            .set_status(&a.id, BoxStatus::Running, Some((me, 42)))
-            .unwrap();
-        let running = store.find("alpha").unwrap().unwrap();
-        assert_eq!(
-            (running.status, running.shim, running.engine_pid),
-            (BoxStatus::Running, Some(me), Some(42))
-        );
-        assert!(running.started_at_ms.is_some());
-        assert!(store
-            .mark_if(&a.id, BoxStatus::Running, BoxStatus::Stopped)
-            .unwrap());
-        assert!(!store
-            .mark_if(&a.id, BoxStatus::Running, BoxStatus::Stopped)
-            .unwrap());
+        store.finish_creation(&a.id).unwrap();
+        assert_eq!(store.get(&a.id).unwrap().unwrap().creator, None);
         store.delete(&a.id).unwrap();
         assert!(store.list().unwrap().is_empty());
     }
 
     #[test]
-    fn names_are_unique() {
+    fn status_moves_are_compare_and_set() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::open(&dir.path().join("db")).unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let a = record(None);
+        store.insert(&a).unwrap();
+        assert_eq!(
+            store.apply(&a.id, Event::Start, None).unwrap(),
+            Some(BoxStatus::Starting)
+        );
+        // A second starter loses.
+        assert_eq!(store.apply(&a.id, Event::Start, None).unwrap(), None);
+        let me = ProcessId::current().unwrap();
+        assert_eq!(
+            store.apply(&a.id, Event::Booted, Some((me, 42))).unwrap(),
+            Some(BoxStatus::Running)
+        );
+        let running = store.get(&a.id).unwrap().unwrap();
+        assert_eq!(
+            (running.status, running.shim, running.engine_pid),
+            (BoxStatus::Running, Some(me), Some(42))
+        );
+        assert!(running.started_at_ms.is_some());
+        assert_eq!(
+            store.apply(&a.id, Event::EngineGone, None).unwrap(),
+            Some(BoxStatus::Stopped)
+        );
+        // Reported twice (the watcher and stop()): the second is a no-op.
+        assert_eq!(store.apply(&a.id, Event::EngineGone, None).unwrap(), None);
+        let stopped = store.get(&a.id).unwrap().unwrap();
+        assert_eq!((stopped.shim, stopped.engine_pid), (None, None));
+        assert_eq!(
+            store.apply(&BoxID::new(), Event::Start, None).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_taken_name_is_already_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
         store.insert(&record(Some("dup"))).unwrap();
         let err = store.insert(&record(Some("dup"))).unwrap_err();
-        assert_eq!(err.kind(), "invalid_argument");
+        assert_eq!(err.kind(), "already_exists");
+        assert!(matches!(err, BoxliteError::AlreadyExists { ref name, .. } if name == "dup"));
         store.insert(&record(None)).unwrap();
         store.insert(&record(None)).unwrap();
         assert_eq!(store.list().unwrap().len(), 3);
@@ -381,10 +612,9 @@ mod tests {
     #[test]
     fn many_handles_can_open_a_new_home_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
         let handles: Vec<_> = (0..8)
             .map(|_| {
-                let path = path.clone();
+                let path = dir.path().to_path_buf();
                 std::thread::spawn(move || StateStore::open(&path).map(|_| ()))
             })
             .collect();
@@ -396,16 +626,73 @@ mod tests {
     #[test]
     fn two_handles_on_one_database_see_each_other() {
         let dir = tempfile::tempdir().unwrap();
-        let one = StateStore::open(&dir.path().join("db")).unwrap();
-        let two = StateStore::open(&dir.path().join("db")).unwrap();
+        let one = StateStore::open(dir.path()).unwrap();
+        let two = StateStore::open(dir.path()).unwrap();
         let a = record(None);
         one.insert(&a).unwrap();
         assert_eq!(two.find(&a.id.to_string()).unwrap().unwrap().id, a.id);
     }
 
+    /// The first release's schema and row, as that release wrote them (`sqlite3 .dump` of a
+    /// home it made), with its `command.json` beside the box.
+    const V0_DUMP: &str = include_str!("../../../tests/fixtures/home-v0.sql");
+
+    #[test]
+    fn a_home_of_the_first_release_is_migrated() {
+        let home = tempfile::tempdir().unwrap();
+        let conn = Connection::open(home.path().join("boxlite.db")).unwrap();
+        conn.execute_batch(V0_DUMP).unwrap();
+        drop(conn);
+        let box_dir = home.path().join("boxes").join("01M8SXZW6E8SV6D8VDXF1F9X3K");
+        std::fs::create_dir_all(&box_dir).unwrap();
+        std::fs::write(
+            box_dir.join(V0_COMMAND_FILE),
+            r#"{"entrypoint": ["/bin/sh", "-c"], "cmd": ["echo $GREETING from $(pwd)"], "tty": false}"#,
+        )
+        .unwrap();
+
+        let store = StateStore::open(home.path()).unwrap();
+        let legacy = store.find("legacy").unwrap().unwrap();
+        assert_eq!(legacy.status, BoxStatus::Stopped);
+        assert_eq!(legacy.creator, None);
+        assert_eq!(
+            legacy.options.entrypoint,
+            Some(vec!["/bin/sh".to_owned(), "-c".to_owned()])
+        );
+        assert_eq!(
+            legacy.options.cmd,
+            Some(vec!["echo $GREETING from $(pwd)".to_owned()])
+        );
+        assert_eq!(
+            legacy.options.env,
+            vec![("GREETING".into(), "hello".into())]
+        );
+        assert_eq!(legacy.options.memory.as_mib(), 256);
+        assert!(!box_dir.join(V0_COMMAND_FILE).exists(), "no side file left");
+        drop(store);
+        // Opening again is a no-op.
+        let again = StateStore::open(home.path()).unwrap();
+        assert_eq!(again.find("legacy").unwrap().unwrap(), legacy);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_untouched() {
+        let home = tempfile::tempdir().unwrap();
+        drop(StateStore::open(home.path()).unwrap());
+        let conn = Connection::open(home.path().join("boxlite.db")).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let err = StateStore::open(home.path()).unwrap_err();
+        assert!(matches!(
+            err,
+            BoxliteError::State(StateError::NewerSchema { .. })
+        ));
+    }
+
     #[test]
     fn process_identity_detects_death_and_reuse() {
-        let me = ProcessId::of(std::process::id()).unwrap();
+        let me = ProcessId::current().unwrap();
         assert!(me.is_alive());
         assert!(!ProcessId {
             start_time: me.start_time + 1,
@@ -413,10 +700,8 @@ mod tests {
         }
         .is_alive());
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let id = ProcessId::of(child.id());
+        let id = ProcessId::of(child.id()).expect("a child that was just spawned exists");
         child.wait().unwrap();
-        if let Some(id) = id {
-            assert!(!id.is_alive());
-        }
+        assert!(!id.is_alive());
     }
 }

@@ -43,6 +43,18 @@ impl Bytes {
     pub const fn as_mib(self) -> u64 {
         self.0 / MIB
     }
+    /// A size given in (possibly fractional) GiB, rounded to whole MiB; `field` names the
+    /// argument in the error for a value that is not a positive size.
+    pub fn from_gib_f64(field: &str, gib: f64) -> crate::BoxliteResult<Self> {
+        if gib.is_finite() && gib > 0.0 && gib < (1u64 << 40) as f64 {
+            Ok(Self::from_mib((gib * 1024.0).round() as u64))
+        } else {
+            Err(crate::BoxliteError::invalid(
+                field,
+                format!("{gib} is not a positive size in GiB"),
+            ))
+        }
+    }
 }
 
 impl fmt::Display for Bytes {
@@ -129,6 +141,17 @@ impl Seconds {
     /// `None` for negative, non-finite or absurdly large values.
     pub fn try_from_secs_f64(secs: f64) -> Option<Self> {
         Duration::try_from_secs_f64(secs).ok().map(Self)
+    }
+    /// A duration of at least a millisecond; `field` names the argument in the error.
+    pub fn positive(field: &str, secs: f64) -> crate::BoxliteResult<Self> {
+        Self::try_from_secs_f64(secs)
+            .filter(|s| s.as_millis() > 0)
+            .ok_or_else(|| {
+                crate::BoxliteError::invalid(
+                    field,
+                    format!("{secs} is not a positive number of seconds"),
+                )
+            })
     }
     pub const fn as_duration(self) -> Duration {
         self.0
@@ -248,6 +271,35 @@ fn trim_decimals(value: f64, decimals: usize) -> String {
     } else {
         text
     }
+}
+
+/// RFC 3339 in UTC with microseconds, as the published package reports times.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]
@@ -386,5 +438,15 @@ mod tests {
             Seconds::from_secs(2)
         );
         assert!(serde_json::from_str::<Seconds>("-2").is_err());
+    }
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000+00:00");
+        let t = UNIX_EPOCH + Duration::from_millis(1_796_166_646_065);
+        assert_eq!(rfc3339(t), "2026-12-01T23:10:46.065000+00:00");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000+00:00");
     }
 }

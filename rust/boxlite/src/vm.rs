@@ -7,7 +7,7 @@ use boxlite_proto::{Message, PROTOCOL_VERSION};
 use tokio::net::UnixListener;
 
 use crate::agent::AgentClient;
-use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use crate::error::{BoxliteError, BoxliteResult, EngineError, GuestError, IoContext};
 use crate::process::{log_tail, GuardedChild};
 use crate::units::Seconds;
 use crate::vmm::{Engine, VmConfig};
@@ -65,7 +65,7 @@ pub(crate) async fn launch(
                         return Err(engine_exited(&exit.0, &config.console_log));
                     }
                     let reason = client.closed_reason().unwrap_or_default();
-                    return Err(BoxliteError::GuestProtocol(format!("the agent hung up before it was ready: {reason}")));
+                    return Err(BoxliteError::protocol(format!("the agent hung up before it was ready: {reason}")));
                 }
                 Err(_) => return Err(boot_timeout_error(boot_timeout, &config.console_log)),
             },
@@ -100,18 +100,21 @@ fn check_ready(ready: &Message) -> BoxliteResult<()> {
             ..
         } => {
             if *version != PROTOCOL_VERSION {
-                return Err(BoxliteError::GuestProtocol(format!(
-                    "the guest agent speaks protocol {version}, this runtime {PROTOCOL_VERSION}: rebuild the guest bundle (`make guest`)"
-                )));
+                return Err(GuestError::Incompatible {
+                    guest: *version,
+                    host: PROTOCOL_VERSION,
+                }
+                .into());
             }
             if let Some(error) = root_error {
-                return Err(BoxliteError::Storage(format!(
-                    "the guest could not mount the box disk: {error}"
-                )));
+                return Err(BoxliteError::guest_storage(
+                    "the guest could not mount the box disk",
+                    error.clone(),
+                ));
             }
             Ok(())
         }
-        other => Err(BoxliteError::GuestProtocol(format!(
+        other => Err(BoxliteError::protocol(format!(
             "expected Ready, got {other:?}"
         ))),
     }
@@ -151,20 +154,18 @@ fn remove_stale(socket: &Path) -> BoxliteResult<()> {
 }
 
 fn boot_timeout_error(timeout: Seconds, console_log: &Path) -> BoxliteError {
-    BoxliteError::BootTimeout {
+    BoxliteError::from(EngineError::BootTimeout {
         timeout,
         console_tail: log_tail(console_log, CONSOLE_TAIL_BYTES),
-    }
+    })
 }
 
 fn engine_exited(status: &str, console_log: &Path) -> BoxliteError {
-    BoxliteError::engine_unavailable(
-        format!(
-            "the VM engine exited during boot ({status}); console:\n{}",
-            log_tail(console_log, CONSOLE_TAIL_BYTES)
-        ),
-        "check the engine's output above and the guest bundle (`make guest`)",
-    )
+    EngineError::ExitedDuringBoot {
+        status: status.to_owned(),
+        console_tail: log_tail(console_log, CONSOLE_TAIL_BYTES),
+    }
+    .into()
 }
 
 /// What every VM of one runtime shares: the engine, the guest bundle, the accelerator.

@@ -79,7 +79,7 @@ impl Shared {
             .borrow()
             .clone()
             .unwrap_or_else(|| "connection closed".into());
-        BoxliteError::GuestProtocol(format!("lost the connection to the guest agent: {reason}"))
+        BoxliteError::connection_lost(reason)
     }
 }
 
@@ -168,7 +168,7 @@ impl AgentClient {
         loop {
             match channel.recv().await? {
                 ChannelEvent::Message(Message::Error { kind, message }) => {
-                    return Err(BoxliteError::GuestProtocol(format!(
+                    return Err(BoxliteError::protocol(format!(
                         "guest error ({kind:?}): {message}"
                     )))
                 }
@@ -480,7 +480,13 @@ mod tests {
         tokio::task::yield_now().await;
         drop(guest);
         let err = pending.await.unwrap().unwrap_err();
-        assert!(matches!(err, BoxliteError::GuestProtocol(_)), "{err}");
+        assert!(
+            matches!(
+                err,
+                BoxliteError::Guest(crate::error::GuestError::ConnectionLost { .. })
+            ),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -181,10 +181,7 @@ async fn measure(layout: &OciLayout, image: &ResolvedImage) -> BoxliteResult<Byt
 }
 
 fn pull_failed(reference: &str, e: std::io::Error) -> BoxliteError {
-    BoxliteError::ImagePullFailed {
-        reference: reference.to_owned(),
-        reason: e.to_string(),
-    }
+    BoxliteError::pull_failed(reference.to_owned(), e.to_string())
 }
 
 /// Inode tables are written now, not by the guest's lazy-init thread, so a box does not
@@ -241,9 +238,8 @@ async fn apply_layers(
         });
         while let Some(chunk) = rx.recv().await {
             // A bad layer stops the build before EOF: the guest never sees it complete.
-            let chunk = chunk.map_err(|e| BoxliteError::ImagePullFailed {
-                reference: layout.dir().display().to_string(),
-                reason: e.to_string(),
+            let chunk = chunk.map_err(|e| {
+                BoxliteError::pull_failed(layout.dir().display().to_string(), e.to_string())
             })?;
             channel.handle.send_stdin(&chunk).await?;
         }
@@ -253,13 +249,16 @@ async fn apply_layers(
             match channel.recv().await? {
                 ChannelEvent::Message(Message::Done) => break,
                 ChannelEvent::Message(Message::Error { kind, message }) => {
-                    return Err(BoxliteError::Storage(format!(
-                        "applying layer {} failed in the guest ({kind:?}): {message}",
-                        layer.digest
-                    )))
+                    return Err(BoxliteError::guest_storage(
+                        format!(
+                            "applying layer {} failed in the guest ({kind:?})",
+                            layer.digest
+                        ),
+                        message,
+                    ))
                 }
                 ChannelEvent::Message(other) => {
-                    return Err(BoxliteError::GuestProtocol(format!(
+                    return Err(BoxliteError::protocol(format!(
                         "unexpected reply to UnpackLayer: {other:?}"
                     )))
                 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::error::{BoxliteError, BoxliteResult};
+use crate::error::{BoxliteError, BoxliteResult, StorageError};
 
 /// Finds `name` in PATH or the sbin directories (mkfs lives there and root's PATH may lack it).
 pub(crate) fn find_tool(name: &str, package: &str) -> BoxliteResult<PathBuf> {
@@ -27,15 +27,16 @@ pub(crate) async fn run_tool(mut command: Command) -> BoxliteResult<()> {
     let shown = format!("{command:?}");
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
-        .map_err(|e| BoxliteError::Internal(format!("tool task failed: {e}")))?
+        .map_err(|e| crate::error::task_failed("tool", e))?
         .map_err(|e| BoxliteError::io(format!("running {shown}"), e))?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(BoxliteError::Storage(format!(
-            "{shown} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )))
+        Err(StorageError::Tool {
+            tool: shown,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        }
+        .into())
     }
 }

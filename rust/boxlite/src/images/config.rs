@@ -1,4 +1,9 @@
 //! The parts of an OCI image config that shape how commands run.
+//!
+//! Hand-written on purpose, rather than oci-spec's `ImageConfiguration`: that type requires
+//! `architecture`, `os` and `rootfs` and takes only `{}` as an `ExposedPorts`/`Volumes`
+//! value, and it keeps ports and labels in `HashMap`s (an order that changes from run to
+//! run). Here every field may be missing or null, and ports and labels come out sorted.
 
 use std::collections::BTreeMap;
 

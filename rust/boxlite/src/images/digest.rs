@@ -1,4 +1,9 @@
 //! Content digests (`sha256:<64 hex>`), parsed strictly: they name files on disk.
+//!
+//! Hand-written on purpose: oci-spec's `Digest` accepts any registered or unregistered
+//! algorithm (`sha512:...`, `foo+b64:...`), while a digest here becomes the file name
+//! `blobs/sha256/<hex>` and is checked with sha256, so only `sha256:` and 64 lowercase hex
+//! digits parse. Conversions to and from oci-spec's type are below.
 
 use std::fmt;
 
@@ -68,6 +73,28 @@ impl From<Digest> for String {
     }
 }
 
+impl Digest {
+    /// The same digest as oci-spec's type (for descriptors we write).
+    pub(crate) fn to_oci(&self) -> oci_spec::image::Digest {
+        oci_spec::image::Digest::try_from(self.to_string())
+            .expect("sha256 and 64 lowercase hex digits is a valid OCI digest")
+    }
+}
+
+/// A descriptor's digest, if it is one we take (sha256).
+impl TryFrom<&oci_spec::image::Digest> for Digest {
+    type Error = BoxliteError;
+    fn try_from(value: &oci_spec::image::Digest) -> Result<Self, Self::Error> {
+        Self::parse(value.as_ref())
+    }
+}
+
+impl PartialEq<oci_spec::image::Digest> for Digest {
+    fn eq(&self, other: &oci_spec::image::Digest) -> bool {
+        other.as_ref().strip_prefix("sha256:") == Some(self.hex.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +112,19 @@ mod tests {
         ] {
             assert!(Digest::parse(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn converts_to_and_from_oci_spec() {
+        let ours = Digest::of(b"x");
+        let theirs = ours.to_oci();
+        assert_eq!(theirs.to_string(), ours.to_string());
+        assert_eq!(Digest::try_from(&theirs).unwrap(), ours);
+        assert!(ours == theirs);
+        assert!(Digest::of(b"y") != theirs);
+        let sha512: oci_spec::image::Digest =
+            format!("sha512:{}", "a".repeat(128)).parse().unwrap();
+        assert!(Digest::try_from(&sha512).is_err());
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! to it; a base disk if its manifest is named in the index or a box uses it. The collector
 //! holds the store's GC lock exclusively, and everything that adds content (pulls, box
 //! creation up to its overlay) holds it shared, so it never sees work half done.
+//!
+//! Hand-written on purpose: the marking reads manifests and indexes as loosely as it can
+//! (`Refs`, only the digests), not as oci-spec's types: a document it failed to read would
+//! leave everything it refers to unmarked, and collected. The qcow2 header reader is ours
+//! because it is twenty lines and needs no qemu.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -15,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 
 use super::digest::Digest;
+use super::oci::annotation;
 use super::store::{ContentStore, INDEX_DIGEST};
 use crate::error::BoxliteResult;
 use crate::fsutil::FileLock;
@@ -147,16 +153,14 @@ pub(crate) fn collect(
     let mut live: BTreeSet<Digest> = BTreeSet::new();
     let mut manifests: BTreeSet<Digest> = BTreeSet::new();
     for entry in &entries {
-        live.insert(entry.digest.clone());
-        manifests.insert(entry.digest.clone());
-        if let Some(index) = entry
-            .annotations
-            .get(INDEX_DIGEST)
-            .and_then(|d| Digest::parse(d).ok())
-        {
+        // `entries` took only sha256 digests.
+        let digest = Digest::try_from(entry.digest())?;
+        live.insert(digest.clone());
+        manifests.insert(digest.clone());
+        if let Some(index) = annotation(entry, INDEX_DIGEST).and_then(|d| Digest::parse(d).ok()) {
             live.insert(index);
         }
-        mark(store, &entry.digest, &mut live, 0);
+        mark(store, &digest, &mut live, 0);
     }
 
     let blobs_dir = store.root().join("blobs").join("sha256");
@@ -325,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn collects_what_no_image_and_no_box_references() {
-        use super::super::store::Descriptor;
+        use oci_spec::image::{Descriptor, MediaType};
         let home = tempfile::tempdir().unwrap();
         let images = home.path().join("images");
         let store = ContentStore::open(&images).unwrap();
@@ -348,13 +352,11 @@ mod tests {
         store
             .set_entry(
                 "x.io/a:latest",
-                Descriptor {
-                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                    digest: named.clone(),
-                    size: manifest.len() as u64,
-                    platform: None,
-                    annotations: Default::default(),
-                },
+                Descriptor::new(
+                    MediaType::ImageManifest,
+                    manifest.len() as u64,
+                    named.to_oci(),
+                ),
             )
             .await
             .unwrap();

@@ -3,24 +3,25 @@
 //! Everything in a layout is untrusted input: digests are parsed strictly before they name a
 //! file, manifests and configs are size-capped and verified against their digests, and layers
 //! are verified while they are read.
+//!
+//! The documents are oci-spec's types (read through `oci.rs`). Hand-written on purpose: the
+//! choice of manifest (by ref name, then this host's platform), the size caps and digest
+//! checks above, and the verifying layer reader, which hashes the compressed blob and the
+//! uncompressed tar in one pass.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use oci_spec::image::{Arch, Descriptor, ImageIndex, Os, Platform};
 use sha2::{Digest as _, Sha256};
 
 use super::config::ImageConfig;
 use super::digest::Digest;
+use super::oci::{self, Invalid};
 use crate::error::{BoxliteError, BoxliteResult};
 
 /// Manifests, indexes and configs larger than this are refused.
 const MAX_METADATA_BYTES: u64 = 4 * 1024 * 1024;
-
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
 
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,7 @@ pub struct LayerRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedImage {
     pub manifest_digest: Digest,
+    pub config_digest: Digest,
     pub config: ImageConfig,
     pub layers: Vec<LayerRef>,
 }
@@ -51,48 +53,6 @@ pub struct ResolvedImage {
 #[derive(Debug, Clone)]
 pub struct OciLayout {
     dir: PathBuf,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-    #[serde(default)]
-    annotations: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct RootfsOnly {
-    rootfs: Rootfs,
-}
-
-#[derive(Deserialize)]
-struct Rootfs {
-    diff_ids: Vec<String>,
 }
 
 impl OciLayout {
@@ -138,16 +98,10 @@ impl OciLayout {
     pub fn resolve(&self, tag: Option<&str>) -> BoxliteResult<ResolvedImage> {
         let index_bytes = read_capped(&self.dir.join("index.json"), MAX_METADATA_BYTES)
             .map_err(|e| self.malformed(format!("reading index.json: {e}")))?;
-        let index: Index = serde_json::from_slice(&index_bytes)
-            .map_err(|e| self.malformed(format!("index.json: {e}")))?;
-        let mut candidates: Vec<&Descriptor> = index.manifests.iter().collect();
+        let index = self.read_json(&index_bytes, "index.json", oci::index)?;
+        let mut candidates: Vec<&Descriptor> = index.manifests().iter().collect();
         if let Some(tag) = tag {
-            candidates.retain(|d| {
-                d.annotations
-                    .get("org.opencontainers.image.ref.name")
-                    .map(String::as_str)
-                    == Some(tag)
-            });
+            candidates.retain(|d| oci::ref_name(d) == Some(tag));
         }
         let descriptor = match candidates.as_slice() {
             [] => {
@@ -163,70 +117,68 @@ impl OciLayout {
             [only] => *only,
             many => *many
                 .iter()
-                .find(|d| platform_matches(d.platform.as_ref()))
+                .find(|d| platform_matches(d.platform().as_ref()))
                 .unwrap_or(&many[0]),
         };
-        let mut digest = self.parse_digest(&descriptor.digest)?;
-        let mut bytes = self.read_verified(&digest, descriptor.size)?;
+        let mut digest = self.parse_digest(descriptor.digest())?;
+        let mut bytes = self.read_verified(&digest, descriptor.size())?;
         // A nested index (multi-platform image): choose our platform.
-        if INDEX_TYPES.contains(&descriptor.media_type.as_str()) {
-            let nested: Index = serde_json::from_slice(&bytes)
-                .map_err(|e| self.malformed(format!("image index {digest}: {e}")))?;
+        if oci::is_index(descriptor.media_type()) {
+            let nested: ImageIndex =
+                self.read_json(&bytes, &format!("image index {digest}"), oci::index)?;
             let Some(chosen) = nested
-                .manifests
+                .manifests()
                 .iter()
-                .find(|d| platform_matches(d.platform.as_ref()))
+                .find(|d| platform_matches(d.platform().as_ref()))
             else {
                 let available: Vec<String> = nested
-                    .manifests
+                    .manifests()
                     .iter()
                     .filter_map(|d| {
-                        d.platform
+                        d.platform()
                             .as_ref()
-                            .map(|p| format!("{}/{}", p.os, p.architecture))
+                            .map(|p| format!("{}/{}", p.os(), p.architecture()))
                     })
                     .collect();
-                return Err(BoxliteError::ImageNotFound {
-                    reference: format!(
-                        "{} has no manifest for linux/{}; it has: {}",
-                        self.dir.display(),
-                        oci_arch(),
-                        available.join(", ")
-                    ),
-                });
+                return Err(BoxliteError::image_not_found(format!(
+                    "{} has no manifest for linux/{}; it has: {}",
+                    self.dir.display(),
+                    oci_arch(),
+                    available.join(", ")
+                )));
             };
-            digest = self.parse_digest(&chosen.digest)?;
-            bytes = self.read_verified(&digest, chosen.size)?;
+            digest = self.parse_digest(chosen.digest())?;
+            bytes = self.read_verified(&digest, chosen.size())?;
         }
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| self.malformed(format!("manifest {digest}: {e}")))?;
-        if INDEX_TYPES.contains(&manifest.media_type.as_str()) {
+        let manifest = self.read_json(&bytes, &format!("manifest {digest}"), oci::manifest)?;
+        if manifest.media_type().as_ref().is_some_and(oci::is_index) {
             return Err(self.malformed("an index nested more than one level deep".into()));
         }
-        let config_digest = self.parse_digest(&manifest.config.digest)?;
-        let config_bytes = self.read_verified(&config_digest, manifest.config.size)?;
+        let config_digest = self.parse_digest(manifest.config().digest())?;
+        let config_bytes = self.read_verified(&config_digest, manifest.config().size())?;
         let config = ImageConfig::from_json(&config_bytes).map_err(|e| self.malformed(e))?;
-        let rootfs: RootfsOnly = serde_json::from_slice(&config_bytes)
+        let rootfs = oci::config(&config_bytes)
             .map_err(|e| self.malformed(format!("config rootfs: {e}")))?;
-        if rootfs.rootfs.diff_ids.len() != manifest.layers.len() {
+        let diff_ids = rootfs.rootfs().diff_ids();
+        if diff_ids.len() != manifest.layers().len() {
             return Err(self.malformed(format!(
                 "the manifest lists {} layers but the config {} diff_ids",
-                manifest.layers.len(),
-                rootfs.rootfs.diff_ids.len()
+                manifest.layers().len(),
+                diff_ids.len()
             )));
         }
         let layers = manifest
-            .layers
+            .layers()
             .iter()
-            .zip(&rootfs.rootfs.diff_ids)
+            .zip(diff_ids)
             .map(|(layer, diff_id)| {
                 Ok(LayerRef {
-                    digest: self.parse_digest(&layer.digest)?,
-                    size: layer.size,
-                    compression: compression_of(&layer.media_type).ok_or_else(|| {
+                    digest: self.parse_digest(layer.digest())?,
+                    size: layer.size(),
+                    compression: oci::layer_compression(layer.media_type()).ok_or_else(|| {
                         BoxliteError::Unsupported(format!(
                             "layer media type {:?}",
-                            layer.media_type
+                            layer.media_type().to_string()
                         ))
                     })?,
                     diff_id: self.parse_digest(diff_id)?,
@@ -235,6 +187,7 @@ impl OciLayout {
             .collect::<BoxliteResult<Vec<_>>>()?;
         Ok(ResolvedImage {
             manifest_digest: digest,
+            config_digest,
             config,
             layers,
         })
@@ -249,8 +202,25 @@ impl OciLayout {
         Ok(VerifiedLayerReader::new(Box::new(file), layer.clone()))
     }
 
-    fn parse_digest(&self, text: &str) -> BoxliteResult<Digest> {
+    fn parse_digest(&self, text: impl AsRef<str>) -> BoxliteResult<Digest> {
+        let text = text.as_ref();
         Digest::parse(text).map_err(|_| self.malformed(format!("invalid digest {text:?}")))
+    }
+
+    /// Parses a size-capped JSON document with an `oci` reader; errors name `what`.
+    fn read_json<T>(
+        &self,
+        bytes: &[u8],
+        what: &str,
+        read: fn(serde_json::Value) -> Result<T, Invalid>,
+    ) -> BoxliteResult<T> {
+        serde_json::from_slice(bytes)
+            .map_err(Invalid::Json)
+            .and_then(read)
+            .map_err(|e| match e {
+                Invalid::Digest(text) => self.malformed(format!("invalid digest {text:?}")),
+                Invalid::Json(e) => self.malformed(format!("{what}: {e}")),
+            })
     }
 
     fn read_verified(&self, digest: &Digest, size: u64) -> BoxliteResult<Vec<u8>> {
@@ -268,10 +238,7 @@ impl OciLayout {
     }
 
     fn malformed(&self, what: String) -> BoxliteError {
-        BoxliteError::ImagePullFailed {
-            reference: self.dir.display().to_string(),
-            reason: what,
-        }
+        BoxliteError::pull_failed(self.dir.display().to_string(), what)
     }
 }
 
@@ -286,17 +253,6 @@ fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     Ok(data)
 }
 
-fn compression_of(media_type: &str) -> Option<LayerCompression> {
-    match media_type {
-        "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(LayerCompression::None),
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(LayerCompression::Gzip),
-        _ => None,
-    }
-}
-
 /// The OCI name of this host's architecture.
 pub(crate) fn oci_arch() -> &'static str {
     match std::env::consts::ARCH {
@@ -307,7 +263,7 @@ pub(crate) fn oci_arch() -> &'static str {
 }
 
 fn platform_matches(platform: Option<&Platform>) -> bool {
-    platform.is_some_and(|p| p.os == "linux" && p.architecture == oci_arch())
+    platform.is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::from(oci_arch()))
 }
 
 /// Counts and hashes bytes as they pass.

@@ -1,5 +1,8 @@
 //! The image manager: pulls, the local image list, removal and garbage collection, and the
 //! image preparation step of box creation (local first; the network only for a missing image).
+//!
+//! No OCI format is written out here: the store's entries are oci-spec descriptors and images
+//! are resolved by `layout.rs`. The one hand-written reader, `Created`, is explained below.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,11 +14,12 @@ use super::config::ImageConfig;
 use super::digest::Digest;
 use super::gc::{self, GcReport};
 use super::layout::{OciLayout, ResolvedImage};
+use super::oci::{annotation, ref_name};
 use super::pull::{pull, ProgressFn};
 use super::reference::Reference;
 use super::registry::{ImageRegistry, Registries};
-use super::store::{ContentStore, Descriptor, INDEX_DIGEST, PULLED_AT};
-use crate::error::{BoxliteError, BoxliteResult};
+use super::store::{ContentStore, INDEX_DIGEST, PULLED_AT};
+use crate::error::{BoxliteError, BoxliteResult, StorageError};
 use crate::fsutil::FileLock;
 
 /// An image in the local store.
@@ -72,16 +76,8 @@ impl std::fmt::Debug for ImageManager {
     }
 }
 
-#[derive(Deserialize)]
-struct ConfigRef {
-    config: ConfigDigest,
-}
-
-#[derive(Deserialize)]
-struct ConfigDigest {
-    digest: Digest,
-}
-
+/// The one config field [`ImageInfo`] shows that nothing else reads; hand-written so that an
+/// odd value is shown as none rather than failing the whole image.
 #[derive(Deserialize)]
 struct Created {
     #[serde(default)]
@@ -133,7 +129,7 @@ impl ImageManager {
     pub fn list(&self) -> BoxliteResult<Vec<ImageInfo>> {
         let mut out = Vec::new();
         for entry in self.inner.store.entries()? {
-            if let Some(name) = entry.ref_name() {
+            if let Some(name) = ref_name(&entry) {
                 match self.info(name) {
                     Ok(info) => out.push(info),
                     Err(e) => {
@@ -165,24 +161,26 @@ impl ImageManager {
         // Exclusive: no box creation is between choosing this image and making its overlay.
         let _exclusive = self.inner.store.lock_gc(true).await?;
         let entries = self.inner.store.entries()?;
-        let Some(entry) = entries.iter().find(|e| e.ref_name() == Some(name.as_str())) else {
+        let Some(entry) = entries.iter().find(|e| ref_name(e) == Some(name.as_str())) else {
             return Err(not_local(&reference));
         };
         let aliased = entries
             .iter()
-            .any(|e| e.digest == entry.digest && e.ref_name() != Some(name.as_str()));
+            .any(|e| e.digest() == entry.digest() && ref_name(e) != Some(name.as_str()));
         if !aliased {
             let used = gc::disks_in_use(&self.inner.boxes_dir, &self.inner.disks_dir).ok_or_else(
                 || {
-                    BoxliteError::Storage(format!(
-                        "cannot tell which boxes use {name}: some box disk in {} is unreadable",
-                        self.inner.boxes_dir.display()
-                    ))
+                    BoxliteError::from(StorageError::Damaged {
+                        path: self.inner.boxes_dir.display().to_string(),
+                        reason: format!(
+                            "cannot tell which boxes use {name}: some box disk is unreadable"
+                        ),
+                    })
                 },
             )?;
             let users: Vec<String> = used
                 .into_iter()
-                .filter(|(_, d)| *d == entry.digest)
+                .filter(|(_, d)| *d == *entry.digest())
                 .map(|(id, _)| id)
                 .collect();
             if !users.is_empty() {
@@ -246,10 +244,14 @@ impl ImageManager {
             .iter()
             .find(|l| !self.inner.store.has_blob(&l.digest))
         {
-            return Err(BoxliteError::Storage(format!(
-                "layer {} of {name} is missing from the image store",
-                missing.digest
-            )));
+            return Err(StorageError::Damaged {
+                path: self.inner.store.root().display().to_string(),
+                reason: format!(
+                    "layer {} of {name} is missing; remove the image and pull it again",
+                    missing.digest
+                ),
+            }
+            .into());
         }
         Ok(PreparedImage {
             layout,
@@ -265,7 +267,7 @@ impl ImageManager {
         let candidates = self.inner.registries.candidates(reference);
         for candidate in &candidates {
             let name = candidate.to_string();
-            if entries.iter().any(|e| e.ref_name() == Some(name.as_str())) {
+            if entries.iter().any(|e| ref_name(e) == Some(name.as_str())) {
                 return Ok(Some(name));
             }
         }
@@ -274,17 +276,17 @@ impl ImageManager {
                 continue;
             };
             let repository = format!("{}/{}", candidate.registry(), candidate.repository());
-            let same = |e: &&Descriptor| {
-                let in_repo = e.ref_name().is_some_and(|n| {
+            let same = |e: &&oci_spec::image::Descriptor| {
+                let in_repo = ref_name(e).is_some_and(|n| {
                     n.strip_prefix(&repository)
                         .is_some_and(|rest| rest.starts_with([':', '@']))
                 });
-                let pinned = e.digest == *digest
-                    || e.annotations.get(INDEX_DIGEST) == Some(&digest.to_string());
+                let pinned = *digest == *e.digest()
+                    || annotation(e, INDEX_DIGEST) == Some(digest.to_string().as_str());
                 in_repo && pinned
             };
             if let Some(entry) = entries.iter().find(same) {
-                return Ok(entry.ref_name().map(str::to_owned));
+                return Ok(ref_name(entry).map(str::to_owned));
             }
         }
         Ok(None)
@@ -294,41 +296,30 @@ impl ImageManager {
         let store = &self.inner.store;
         let entry = store
             .entry(name)?
-            .ok_or_else(|| BoxliteError::ImageNotFound {
-                reference: name.to_owned(),
-            })?;
+            .ok_or_else(|| BoxliteError::image_not_found(name.to_owned()))?;
         let resolved = store.layout()?.resolve(Some(name))?;
-        let manifest = store.read_blob(&entry.digest, MAX_METADATA)?;
-        let config_digest = serde_json::from_slice::<ConfigRef>(&manifest)
-            .map_err(|e| BoxliteError::Storage(format!("manifest of {name}: {e}")))?
-            .config
-            .digest;
+        let config_digest = resolved.config_digest.clone();
         let config_bytes = store.read_blob(&config_digest, MAX_METADATA)?;
         let created = serde_json::from_slice::<Created>(&config_bytes)
             .ok()
             .and_then(|c| c.created);
         let parsed = Reference::parse(name)?;
-        let size = entry.size
+        let size = entry.size()
             + config_bytes.len() as u64
             + resolved.layers.iter().map(|l| l.size).sum::<u64>();
         Ok(ImageInfo {
             reference: name.to_owned(),
             repository: format!("{}/{}", parsed.registry(), parsed.repository()),
             tag: parsed.tag().map(str::to_owned),
-            digest: entry.digest.clone(),
-            index_digest: entry
-                .annotations
-                .get(INDEX_DIGEST)
-                .and_then(|d| Digest::parse(d).ok()),
+            digest: Digest::try_from(entry.digest())?,
+            index_digest: annotation(&entry, INDEX_DIGEST).and_then(|d| Digest::parse(d).ok()),
             config_digest,
             size,
             layers: resolved.layers.len(),
             architecture: resolved.config.architecture.clone(),
             os: resolved.config.os.clone(),
             created,
-            pulled_at: entry
-                .annotations
-                .get(PULLED_AT)
+            pulled_at: annotation(&entry, PULLED_AT)
                 .and_then(|s| s.parse::<u64>().ok())
                 .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
             config: resolved.config,
@@ -347,7 +338,7 @@ impl ImageManager {
 }
 
 fn not_local(reference: &Reference) -> BoxliteError {
-    BoxliteError::ImageNotFound {
-        reference: format!("{reference} is not in the local image store (pull it first)"),
-    }
+    BoxliteError::image_not_found(format!(
+        "{reference} is not in the local image store (pull it first)"
+    ))
 }

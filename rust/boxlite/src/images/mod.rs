@@ -1,11 +1,17 @@
 //! Images: OCI image layouts on disk, their configs and layers; references, registries, the
 //! content store that pulled images live in, and its garbage collector.
+//!
+//! OCI documents (indexes, manifests, descriptors, platforms, media types) are oci-spec's
+//! types, read through `oci.rs`; references are parsed by `oci_client::Reference`; the
+//! registry protocol is oci-client's. What is still hand-written, and why, is said at the top
+//! of each file.
 
 mod config;
 mod digest;
 mod gc;
 mod layout;
 mod manager;
+mod oci;
 mod pull;
 mod reference;
 mod registry;

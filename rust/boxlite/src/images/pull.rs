@@ -1,46 +1,35 @@
 //! Pulling an image into the content store: resolve the manifest (picking this host's
 //! platform from an index), fetch config and layers concurrently into the store, and only then
 //! point the reference at the manifest in `index.json`.
+//!
+//! Indexes, manifests and descriptors are oci-spec's types (read through `oci.rs`).
+//! Hand-written on purpose: the order of the checks on untrusted input (`registry.rs` caps
+//! each manifest's size and checks its digest before it is parsed here; the schema version,
+//! media types and config size are checked before any blob is fetched, and every digest is
+//! parsed with our strict [`Digest`] before it names one), the platform choice, and the
+//! layer fetch, a few at a time, into the content store.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
+use oci_spec::image::{Arch, Descriptor, MediaType, Os, Platform};
+use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::digest::Digest;
 use super::layout::oci_arch;
+use super::oci::{self, Invalid};
 use super::reference::Reference;
 use super::registry::{Registries, RegistryClient, Version};
-use super::store::{ContentStore, Descriptor, Platform, INDEX_DIGEST, PULLED_AT};
-use crate::error::{BoxliteError, BoxliteResult};
+use super::store::{ContentStore, INDEX_DIGEST, PULLED_AT};
+use crate::error::{BoxliteError, BoxliteResult, ImageError};
 
 /// Configs larger than this are refused.
 const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 /// Layers downloaded at once.
 const CONCURRENT_LAYERS: usize = 3;
-
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-const MANIFEST_TYPES: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
-const CONFIG_TYPES: &[&str] = &[
-    "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.container.image.v1+json",
-];
-const LAYER_TYPES: &[&str] = &[
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-];
 
 /// Progress of one layer of a pull: `done` of `total` bytes are in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,63 +48,6 @@ pub struct PullProgress {
 
 /// Receives [`PullProgress`] reports; called from the runtime's threads, so keep it quick.
 pub type ProgressFn = Arc<dyn Fn(&PullProgress) + Send + Sync>;
-
-#[derive(Deserialize)]
-struct RawDescriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<RawPlatform>,
-}
-
-#[derive(Deserialize, Clone)]
-struct RawPlatform {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-impl RawPlatform {
-    fn describe(&self) -> String {
-        match &self.variant {
-            Some(v) => format!("{}/{}/{v}", self.os, self.architecture),
-            None => format!("{}/{}", self.os, self.architecture),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct RawManifest {
-    #[serde(rename = "schemaVersion", default)]
-    schema_version: u32,
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    #[serde(default)]
-    manifests: Option<Vec<RawDescriptor>>,
-    #[serde(default)]
-    config: Option<RawDescriptor>,
-    #[serde(default)]
-    layers: Option<Vec<RawDescriptor>>,
-}
-
-#[derive(Deserialize)]
-struct RawConfig {
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    os: String,
-    rootfs: RawRootfs,
-}
-
-#[derive(Deserialize)]
-struct RawRootfs {
-    diff_ids: Vec<String>,
-}
 
 /// Pulls `reference` (trying each candidate registry of a short name in order) and returns
 /// the name it is stored under. The caller holds the store's shared GC lock.
@@ -149,24 +81,24 @@ fn combine(reference: &Reference, mut errors: Vec<(Reference, BoxliteError)>) ->
     let tried: Vec<String> = errors.iter().map(|(r, _)| r.to_string()).collect();
     if errors
         .iter()
-        .all(|(_, e)| matches!(e, BoxliteError::ImageNotFound { .. }))
+        .all(|(_, e)| matches!(e, BoxliteError::Image(ImageError::NotFound { .. })))
     {
-        return BoxliteError::ImageNotFound {
-            reference: format!("{reference} (tried {})", tried.join(", ")),
-        };
+        return BoxliteError::image_not_found(format!("{reference} (tried {})", tried.join(", ")));
     }
     let index = errors
         .iter()
-        .position(|(_, e)| !matches!(e, BoxliteError::ImageNotFound { .. }))
+        .position(|(_, e)| !matches!(e, BoxliteError::Image(ImageError::NotFound { .. })))
         .unwrap_or(0);
     match errors.remove(index).1 {
-        BoxliteError::ImagePullFailed {
+        BoxliteError::Image(ImageError::PullFailed {
             reference: r,
             reason,
-        } => BoxliteError::ImagePullFailed {
+            source,
+        }) => BoxliteError::from(ImageError::PullFailed {
             reference: r,
             reason: format!("{reason} (tried {})", tried.join(", ")),
-        },
+            source,
+        }),
         other => other,
     }
 }
@@ -186,106 +118,117 @@ async fn pull_one(
 ) -> BoxliteResult<()> {
     let started = Instant::now();
     let name = reference.to_string();
-    let failed = |reason: String| BoxliteError::ImagePullFailed {
-        reference: name.clone(),
-        reason,
-    };
+    let failed = |reason: String| BoxliteError::pull_failed(name.clone(), reason);
     let client = Arc::new(RegistryClient::new(config)?);
+
+    // Reading a document into oci-spec's type: `what` names it in errors.
+    let invalid = |e: Invalid, what: &str| match e {
+        Invalid::Digest(text) => failed(format!("unsupported or malformed digest {text:?}")),
+        Invalid::Json(e) => failed(format!("{what} is not valid JSON: {e}")),
+    };
 
     // The manifest, or an index and the manifest of our platform in it.
     let (top_bytes, top_digest) = client.manifest(reference, Version::Reference).await?;
-    let top: RawManifest = serde_json::from_slice(&top_bytes)
-        .map_err(|e| failed(format!("the manifest is not valid JSON: {e}")))?;
+    let top: Value = serde_json::from_slice(&top_bytes)
+        .map_err(|e| invalid(Invalid::Json(e), "the manifest"))?;
     let (index, manifest_bytes, manifest_digest, platform) = if is_index(&top) {
-        let entries = top.manifests.as_deref().unwrap_or_default();
+        let top = oci::index(top).map_err(|e| invalid(e, "the manifest"))?;
+        let entries = top.manifests();
         let chosen = pick_platform(entries).ok_or_else(|| {
             let available: Vec<String> = entries
                 .iter()
-                .filter_map(|d| d.platform.as_ref())
-                .filter(|p| p.os != "unknown")
-                .map(RawPlatform::describe)
+                .filter_map(|d| d.platform().as_ref())
+                .filter(|p| p.os().to_string() != "unknown")
+                .map(describe)
                 .collect();
-            BoxliteError::ImageNotFound {
-                reference: format!(
-                    "{name} has no image for linux/{}; it has: {}",
-                    oci_arch(),
-                    if available.is_empty() {
-                        "no platform images".to_owned()
-                    } else {
-                        available.join(", ")
-                    }
-                ),
-            }
+            BoxliteError::image_not_found(format!(
+                "{name} has no image for linux/{}; it has: {}",
+                oci_arch(),
+                if available.is_empty() {
+                    "no platform images".to_owned()
+                } else {
+                    available.join(", ")
+                }
+            ))
         })?;
-        let digest = parse_digest(&chosen.digest).map_err(failed)?;
+        let digest = parse_digest(chosen.digest()).map_err(failed)?;
         let (bytes, digest) = client.manifest(reference, Version::Digest(&digest)).await?;
-        if bytes.len() as u64 != chosen.size {
+        if bytes.len() as u64 != chosen.size() {
             return Err(failed(format!(
                 "manifest {digest} is {} bytes, the index says {}",
                 bytes.len(),
-                chosen.size
+                chosen.size()
             )));
         }
         (
             Some((top_bytes, top_digest)),
             bytes,
             digest,
-            chosen.platform.clone(),
+            chosen.platform().clone(),
         )
     } else {
         (None, top_bytes, top_digest, None)
     };
-    let manifest: RawManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| failed(format!("manifest {manifest_digest} is not valid JSON: {e}")))?;
-    if is_index(&manifest) {
+    let what = format!("manifest {manifest_digest}");
+    let doc: Value =
+        serde_json::from_slice(&manifest_bytes).map_err(|e| invalid(Invalid::Json(e), &what))?;
+    if is_index(&doc) {
         return Err(failed("an image index nested in an image index".into()));
     }
-    if manifest.schema_version != 2 {
+    // Schema version and media type are checked on the JSON: a schema 1 manifest, say, is
+    // unsupported, not malformed, though it has no `config` for oci-spec's type.
+    let schema_version: u32 = oci::field(&doc, "schemaVersion")
+        .map_err(|e| invalid(Invalid::Json(e), &what))?
+        .unwrap_or(0);
+    if schema_version != 2 {
         return Err(BoxliteError::Unsupported(format!(
-            "{name}: manifest schema version {} (only version 2 is supported)",
-            manifest.schema_version
+            "{name}: manifest schema version {schema_version} (only version 2 is supported)"
         )));
     }
-    let media_type = manifest
-        .media_type
-        .clone()
-        .unwrap_or_else(|| MANIFEST_TYPES[0].to_owned());
-    if !MANIFEST_TYPES.contains(&media_type.as_str()) {
+    let media_type: MediaType = oci::field(&doc, "mediaType")
+        .map_err(|e| invalid(Invalid::Json(e), &what))?
+        .unwrap_or(MediaType::ImageManifest);
+    if !oci::is_manifest(&media_type) {
         return Err(BoxliteError::Unsupported(format!(
-            "{name}: manifest media type {media_type:?}"
+            "{name}: manifest media type {:?}",
+            media_type.to_string()
         )));
     }
-    let (Some(config_desc), Some(layer_descs)) = (&manifest.config, &manifest.layers) else {
+    if ["config", "layers"]
+        .iter()
+        .any(|key| doc.get(key).is_none_or(Value::is_null))
+    {
         return Err(failed(format!(
             "manifest {manifest_digest} has no config or no layers"
         )));
-    };
-    if !config_desc.media_type.is_empty()
-        && !CONFIG_TYPES.contains(&config_desc.media_type.as_str())
-    {
+    }
+    let manifest = oci::manifest(doc).map_err(|e| invalid(e, &what))?;
+    let config_desc = manifest.config();
+    let config_type = config_desc.media_type().to_string();
+    if !config_type.is_empty() && !oci::is_config(config_desc.media_type()) {
         return Err(BoxliteError::Unsupported(format!(
-            "{name} is not a container image: its config is {:?}",
-            config_desc.media_type
+            "{name} is not a container image: its config is {config_type:?}"
         )));
     }
-    if config_desc.size > MAX_CONFIG_BYTES {
+    if config_desc.size() > MAX_CONFIG_BYTES {
         return Err(failed(format!(
             "the image config is {} bytes, more than the {MAX_CONFIG_BYTES} allowed",
-            config_desc.size
+            config_desc.size()
         )));
     }
-    for layer in layer_descs {
-        if !LAYER_TYPES.contains(&layer.media_type.as_str()) {
+    for layer in manifest.layers() {
+        if oci::layer_compression(layer.media_type()).is_none() {
             return Err(BoxliteError::Unsupported(format!(
                 "{name}: layer media type {:?} (supported: uncompressed and gzip tar layers)",
-                layer.media_type
+                layer.media_type().to_string()
             )));
         }
     }
-    let config_digest = parse_digest(&config_desc.digest).map_err(failed)?;
-    let layers: Vec<(Digest, u64)> = layer_descs
+    let config_digest = parse_digest(config_desc.digest()).map_err(failed)?;
+    let layers: Vec<(Digest, u64)> = manifest
+        .layers()
         .iter()
-        .map(|l| Ok((parse_digest(&l.digest)?, l.size)))
+        .map(|l| Ok((parse_digest(l.digest())?, l.size())))
         .collect::<Result<_, String>>()
         .map_err(failed)?;
 
@@ -298,33 +241,33 @@ async fn pull_one(
             .ingest_stream(
                 &name,
                 &config_digest,
-                config_desc.size,
+                config_desc.size(),
                 |_| {},
                 || async move { client.blob(&reference, &digest).await },
             )
             .await?;
     }
     let config_bytes = store.read_blob(&config_digest, MAX_CONFIG_BYTES)?;
-    let raw_config: RawConfig = serde_json::from_slice(&config_bytes)
+    let image_config = oci::config(&config_bytes)
         .map_err(|e| failed(format!("the image config is malformed: {e}")))?;
-    if raw_config.rootfs.diff_ids.len() != layers.len() {
+    let diff_ids = image_config.rootfs().diff_ids();
+    if diff_ids.len() != layers.len() {
         return Err(failed(format!(
             "the manifest lists {} layers but the config {} diff_ids",
             layers.len(),
-            raw_config.rootfs.diff_ids.len()
+            diff_ids.len()
         )));
     }
-    if (!raw_config.os.is_empty() && raw_config.os != "linux")
-        || (!raw_config.architecture.is_empty() && raw_config.architecture != oci_arch())
+    let (os, architecture) = (
+        image_config.os().to_string(),
+        image_config.architecture().to_string(),
+    );
+    if (!os.is_empty() && os != "linux") || (!architecture.is_empty() && architecture != oci_arch())
     {
-        return Err(BoxliteError::ImageNotFound {
-            reference: format!(
-                "{name} is an image for {}/{}; this host runs linux/{}",
-                raw_config.os,
-                raw_config.architecture,
-                oci_arch()
-            ),
-        });
+        return Err(BoxliteError::image_not_found(format!(
+            "{name} is an image for {os}/{architecture}; this host runs linux/{}",
+            oci_arch()
+        )));
     }
 
     fetch_layers(store, &client, reference, &layers, progress).await?;
@@ -336,33 +279,28 @@ async fn pull_one(
     store
         .put_bytes(&name, &manifest_digest, manifest_bytes.clone())
         .await?;
-    let mut annotations = BTreeMap::new();
+    let mut annotations = HashMap::new();
     annotations.insert(PULLED_AT.to_owned(), now_secs().to_string());
     if let Some((_, digest)) = &index {
         annotations.insert(INDEX_DIGEST.to_owned(), digest.to_string());
     }
-    let descriptor = Descriptor {
+    let platform = platform.unwrap_or_else(|| {
+        let mut platform = Platform::default();
+        platform.set_os(Os::Linux);
+        platform.set_architecture(Arch::from(if architecture.is_empty() {
+            oci_arch()
+        } else {
+            architecture.as_str()
+        }));
+        platform
+    });
+    let mut descriptor = Descriptor::new(
         media_type,
-        digest: manifest_digest.clone(),
-        size: manifest_bytes.len() as u64,
-        platform: Some(match platform {
-            Some(p) => Platform {
-                architecture: p.architecture,
-                os: p.os,
-                variant: p.variant,
-            },
-            None => Platform {
-                architecture: if raw_config.architecture.is_empty() {
-                    oci_arch().to_owned()
-                } else {
-                    raw_config.architecture
-                },
-                os: "linux".to_owned(),
-                variant: None,
-            },
-        }),
-        annotations,
-    };
+        manifest_bytes.len() as u64,
+        manifest_digest.to_oci(),
+    );
+    descriptor.set_platform(Some(platform));
+    descriptor.set_annotations(Some(annotations));
     store.set_entry(&name, descriptor).await?;
     tracing::info!(
         reference = %name,
@@ -493,24 +431,35 @@ impl Reporter {
     }
 }
 
-fn is_index(manifest: &RawManifest) -> bool {
-    match &manifest.media_type {
-        Some(t) => INDEX_TYPES.contains(&t.as_str()),
-        None => manifest.manifests.is_some() && manifest.config.is_none(),
+/// Whether a fetched document is an index: by its media type, or without one by its shape.
+fn is_index(doc: &Value) -> bool {
+    let has = |key: &str| doc.get(key).is_some_and(|v| !v.is_null());
+    match doc.get("mediaType").and_then(Value::as_str) {
+        Some(t) => oci::is_index(&MediaType::from(t)),
+        None => has("manifests") && !has("config"),
     }
 }
 
-fn parse_digest(text: &str) -> Result<Digest, String> {
-    Digest::parse(text).map_err(|_| format!("unsupported or malformed digest {text:?}"))
+fn parse_digest(text: &oci_spec::image::Digest) -> Result<Digest, String> {
+    Digest::try_from(text)
+        .map_err(|_| format!("unsupported or malformed digest {:?}", text.as_ref()))
+}
+
+/// `os/architecture[/variant]`.
+fn describe(platform: &Platform) -> String {
+    match platform.variant() {
+        Some(v) => format!("{}/{}/{v}", platform.os(), platform.architecture()),
+        None => format!("{}/{}", platform.os(), platform.architecture()),
+    }
 }
 
 /// The entry of an index for linux on this architecture (arm64: variant v8 or none).
-fn pick_platform(entries: &[RawDescriptor]) -> Option<&RawDescriptor> {
+fn pick_platform(entries: &[Descriptor]) -> Option<&Descriptor> {
     entries.iter().find(|d| {
-        d.platform.as_ref().is_some_and(|p| {
-            p.os == "linux"
-                && p.architecture == oci_arch()
-                && (oci_arch() != "arm64" || matches!(p.variant.as_deref(), None | Some("v8")))
+        d.platform().as_ref().is_some_and(|p| {
+            *p.os() == Os::Linux
+                && *p.architecture() == Arch::from(oci_arch())
+                && (oci_arch() != "arm64" || matches!(p.variant().as_deref(), None | Some("v8")))
         })
     })
 }
@@ -519,17 +468,13 @@ fn pick_platform(entries: &[RawDescriptor]) -> Option<&RawDescriptor> {
 mod tests {
     use super::*;
 
-    fn entry(arch: &str, os: &str) -> RawDescriptor {
-        RawDescriptor {
-            media_type: MANIFEST_TYPES[0].into(),
-            digest: format!("sha256:{}", "a".repeat(64)),
-            size: 1,
-            platform: Some(RawPlatform {
-                architecture: arch.into(),
-                os: os.into(),
-                variant: None,
-            }),
-        }
+    fn entry(arch: &str, os: &str) -> Descriptor {
+        let mut platform = Platform::default();
+        platform.set_architecture(Arch::from(arch));
+        platform.set_os(Os::from(os));
+        let mut entry = Descriptor::new(MediaType::ImageManifest, 1, Digest::of(b"a").to_oci());
+        entry.set_platform(Some(platform));
+        entry
     }
 
     #[test]
@@ -540,16 +485,18 @@ mod tests {
             entry(oci_arch(), "linux"),
         ];
         let chosen = pick_platform(&entries).unwrap();
-        assert_eq!(chosen.platform.as_ref().unwrap().os, "linux");
+        assert_eq!(
+            chosen.platform().as_ref().unwrap().os().to_string(),
+            "linux"
+        );
         assert!(pick_platform(&entries[..2]).is_none());
     }
 
     #[test]
     fn index_detection_by_media_type_or_shape() {
-        let index: RawManifest =
-            serde_json::from_str(r#"{"schemaVersion":2,"manifests":[]}"#).unwrap();
+        let index: Value = serde_json::from_str(r#"{"schemaVersion":2,"manifests":[]}"#).unwrap();
         assert!(is_index(&index));
-        let manifest: RawManifest = serde_json::from_str(
+        let manifest: Value = serde_json::from_str(
             r#"{"schemaVersion":2,"config":{"digest":"x","size":1},"layers":[]}"#,
         )
         .unwrap();
@@ -559,9 +506,7 @@ mod tests {
     #[test]
     fn failures_of_several_candidates_combine() {
         let r = Reference::parse("alpine").unwrap();
-        let nf = |s: &str| BoxliteError::ImageNotFound {
-            reference: s.into(),
-        };
+        let nf = |s: &str| BoxliteError::image_not_found(s);
         let both_missing = combine(
             &r,
             vec![
@@ -569,7 +514,10 @@ mod tests {
                 (r.in_registry("docker.io"), nf("b")),
             ],
         );
-        assert!(matches!(both_missing, BoxliteError::ImageNotFound { .. }));
+        assert!(matches!(
+            both_missing,
+            BoxliteError::Image(ImageError::NotFound { .. })
+        ));
         assert!(both_missing
             .to_string()
             .contains("tried a.io/library/alpine:latest"));
@@ -579,14 +527,17 @@ mod tests {
                 (r.in_registry("a.io"), nf("a")),
                 (
                     r.in_registry("docker.io"),
-                    BoxliteError::ImagePullFailed {
-                        reference: "docker.io/library/alpine:latest".into(),
-                        reason: "connection refused".into(),
-                    },
+                    BoxliteError::pull_failed(
+                        "docker.io/library/alpine:latest",
+                        "connection refused",
+                    ),
                 ),
             ],
         );
-        assert!(matches!(offline, BoxliteError::ImagePullFailed { .. }));
+        assert!(matches!(
+            offline,
+            BoxliteError::Image(ImageError::PullFailed { .. })
+        ));
         assert!(offline.to_string().contains("connection refused"));
     }
 

@@ -14,8 +14,20 @@
 //! Docker Hub: `alpine` is `docker.io/library/alpine:latest`. Short names can also be searched
 //! for in configured registries (see `registry.rs`), which is why the parser remembers whether
 //! the user gave a registry at all.
+//!
+//! The path, tag and digest are parsed by `oci_client::Reference` (oci-spec's grammar).
+//! Hand-written on purpose:
+//! - the short-name rule above: oci-spec's has no uppercase case and does not say whether
+//!   the text named a registry;
+//! - the domain check: oci-spec's grammar has no `[IPv6]` hosts, and takes a first component
+//!   that is not a valid host name (`exa_mple.com`) as a registry, because it also matches
+//!   as a path component;
+//! - sha256 only, and the whole name (domain included) at most 255 characters (oci-spec
+//!   limits the repository alone).
 
 use std::fmt;
+
+use oci_client::ParseError;
 
 use super::digest::Digest;
 use crate::error::{BoxliteError, BoxliteResult};
@@ -24,7 +36,9 @@ use crate::error::{BoxliteError, BoxliteResult};
 pub const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_ALIASES: &[&str] = &["index.docker.io", "registry-1.docker.io"];
 const MAX_NAME_LEN: usize = 255;
-const MAX_TAG_LEN: usize = 128;
+/// Stands in for the domain when oci-spec parses the rest of a reference: a name with a `.`,
+/// so oci-spec takes it as the domain and leaves the path as written.
+const PLACEHOLDER_DOMAIN: &str = "domain.invalid";
 
 /// A parsed, normalized image reference: `registry/repository[:tag][@digest]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -126,36 +140,30 @@ fn parse(text: &str) -> Result<Reference, String> {
     if text.is_empty() {
         return Err("it is empty".into());
     }
-    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("it contains whitespace or control characters".into());
+    // oci-spec's tag pattern (`\w`) would take any Unicode letter; the grammar is ASCII.
+    if !text.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("it contains whitespace, control or non-ASCII characters".into());
     }
-    let (rest, digest) = match text.split_once('@') {
-        Some((rest, digest)) => (rest, Some(parse_digest(digest)?)),
-        None => (text, None),
-    };
-    // A tag follows the last ':' that comes after the last '/' (a ':' before it is a port).
-    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
-    let (name, tag) = match rest[last_slash..].rfind(':') {
-        Some(i) => {
-            let (name, tag) = (&rest[..last_slash + i], &rest[last_slash + i + 1..]);
-            validate_tag(tag)?;
-            (name, Some(tag.to_owned()))
-        }
-        None => (rest, None),
-    };
-    if name.is_empty() {
-        return Err("the name is empty".into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!("the name is longer than {MAX_NAME_LEN} characters"));
-    }
-    let (domain, path) = split_domain(name);
+    let (domain, rest) = split_domain(text);
     if let Some(domain) = domain {
         validate_domain(domain)?;
     }
-    for component in path.split('/') {
-        validate_path_component(component)?;
+    let parsed = match oci_client::Reference::try_from(format!("{PLACEHOLDER_DOMAIN}/{rest}")) {
+        Ok(parsed) => parsed,
+        Err(ParseError::DigestUnsupported) => {
+            let algorithm = rest
+                .rsplit_once('@')
+                .and_then(|(_, digest)| digest.split_once(':'))
+                .map_or("", |(algorithm, _)| algorithm);
+            return Err(unsupported(algorithm));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let path = parsed.repository();
+    if domain.map_or(0, |d| d.len() + 1) + path.len() > MAX_NAME_LEN {
+        return Err(format!("the name is longer than {MAX_NAME_LEN} characters"));
     }
+    let digest = parsed.digest().map(parse_digest).transpose()?;
     let qualified = domain.is_some();
     let registry = normalize_registry(domain.unwrap_or(DOCKER_HUB));
     let repository = if registry == DOCKER_HUB && !path.contains('/') {
@@ -163,24 +171,21 @@ fn parse(text: &str) -> Result<Reference, String> {
     } else {
         path.to_owned()
     };
-    let tag = if tag.is_none() && digest.is_none() {
-        Some("latest".to_owned())
-    } else {
-        tag
-    };
     Ok(Reference {
         registry,
         repository,
-        tag,
+        // `latest` when the text gave neither tag nor digest, as oci-spec does.
+        tag: parsed.tag().map(str::to_owned),
         digest,
         qualified,
     })
 }
 
 /// Docker's rule: the first component is a domain if it has a '.' or ':', is `localhost`,
-/// or has an uppercase letter (repository names never do).
-fn split_domain(name: &str) -> (Option<&str>, &str) {
-    match name.split_once('/') {
+/// or has an uppercase letter (repository names never do). A tag or digest has no '/', so
+/// the first '/' of the whole text ends the domain.
+fn split_domain(text: &str) -> (Option<&str>, &str) {
+    match text.split_once('/') {
         Some((first, rest))
             if first.contains(['.', ':'])
                 || first == "localhost"
@@ -188,41 +193,22 @@ fn split_domain(name: &str) -> (Option<&str>, &str) {
         {
             (Some(first), rest)
         }
-        _ => (None, name),
+        _ => (None, text),
     }
 }
 
+/// oci-spec took the digest's form; only sha256 names blobs here.
 fn parse_digest(text: &str) -> Result<Digest, String> {
-    let Some((algorithm, hex)) = text.split_once(':') else {
-        return Err(format!("digest {text:?} has no algorithm"));
-    };
-    let valid_algorithm = !algorithm.is_empty()
-        && algorithm
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
-    if !valid_algorithm || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("digest {text:?} is malformed"));
+    match text.split_once(':') {
+        Some(("sha256", _)) => Digest::parse(text)
+            .map_err(|_| format!("digest {text:?} is not 64 lowercase hex digits")),
+        Some((algorithm, _)) => Err(unsupported(algorithm)),
+        None => Err(format!("digest {text:?} has no algorithm")),
     }
-    if algorithm != "sha256" {
-        return Err(format!(
-            "digest algorithm {algorithm:?} is not supported (only sha256)"
-        ));
-    }
-    Digest::parse(text).map_err(|_| format!("digest {text:?} is not 64 lowercase hex digits"))
 }
 
-fn validate_tag(tag: &str) -> Result<(), String> {
-    let mut chars = tag.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !first_ok || !rest_ok || tag.len() > MAX_TAG_LEN {
-        return Err(format!(
-            "tag {tag:?} must be 1-{MAX_TAG_LEN} letters, digits, '_', '.' or '-', not starting with '.' or '-'"
-        ));
-    }
-    Ok(())
+fn unsupported(algorithm: &str) -> String {
+    format!("digest algorithm {algorithm:?} is not supported (only sha256)")
 }
 
 fn validate_domain(domain: &str) -> Result<(), String> {
@@ -260,40 +246,6 @@ fn validate_domain(domain: &str) -> Result<(), String> {
         };
         if !host.split('.').all(component_ok) {
             return bad("is not a valid host name");
-        }
-    }
-    Ok(())
-}
-
-fn validate_path_component(component: &str) -> Result<(), String> {
-    let bad = || {
-        Err(format!(
-            "repository component {component:?} must be lowercase letters and digits, separated by '.', '_', '__' or '-'"
-        ))
-    };
-    if component.is_empty() {
-        return Err("the repository has an empty component".into());
-    }
-    let bytes = component.as_bytes();
-    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    if !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
-        return bad();
-    }
-    let mut i = 0;
-    while i < bytes.len() {
-        if alnum(bytes[i]) {
-            i += 1;
-            continue;
-        }
-        // A separator run: ".", "_", "__" or "-"+, followed by an alphanumeric.
-        let start = i;
-        while i < bytes.len() && !alnum(bytes[i]) {
-            i += 1;
-        }
-        let sep = &component[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|b| b == b'-');
-        if !ok {
-            return bad();
         }
     }
     Ok(())
@@ -416,5 +368,21 @@ mod tests {
         // Only sha256 is stored; other algorithms say so.
         let err = Reference::parse(&format!("a@sha512:{HEX}{HEX}")).unwrap_err();
         assert!(err.to_string().contains("only sha256"), "{err}");
+    }
+
+    #[test]
+    fn what_oci_spec_alone_would_take_is_still_refused() {
+        // Its tag pattern is Unicode-aware; the grammar is ASCII.
+        assert!(Reference::parse("alpine:caf\u{e9}").is_err());
+        // Its domain is unchecked when the first component also reads as a path.
+        assert!(Reference::parse("exa_mple.com/x").is_err());
+        assert!(Reference::parse("-bad.example.com/x").is_err());
+        // It takes sha512 and uppercase hex; blobs here are sha256, named in lowercase.
+        assert!(Reference::parse(&format!("a@sha256:{}", HEX.to_uppercase())).is_err());
+        let err = Reference::parse("a@md5:0123456789abcdef0123456789abcdef").unwrap_err();
+        assert!(err.to_string().contains(r#"algorithm "md5""#), "{err}");
+        // Its length limit is on the repository; ours on the whole name.
+        let long = format!("{}.io/{}", "r".repeat(200), "p".repeat(60));
+        assert!(Reference::parse(&long).is_err());
     }
 }

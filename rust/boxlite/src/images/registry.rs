@@ -7,6 +7,11 @@
 //!    searched for short names (`http://` allows plain HTTP),
 //! 3. `<home>/registries.json`: `{"registries": [{"host": ..., "transport": "http", "search":
 //!    true, "skip_verify": false, "username": ..., "password": ..., "bearer_token": ...}]}`.
+//!
+//! The distribution API is oci-client's. Hand-written on purpose: this configuration (no crate
+//! has it), the mapping of oci-client's errors to ours, and the digest checks on what a
+//! registry sends. The accepted manifest media types are strings because oci-client takes
+//! them as such.
 
 use std::fmt;
 use std::path::Path;
@@ -19,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::digest::Digest;
 use super::reference::{normalize_registry, Reference, DOCKER_HUB};
-use crate::error::{BoxliteError, BoxliteResult};
+use crate::error::{BoxliteError, BoxliteResult, ImageError};
 
 /// The environment variable that lists registries without code.
 pub const REGISTRIES_ENV: &str = "BOXLITE_REGISTRIES";
@@ -37,6 +42,13 @@ pub enum Transport {
 }
 
 impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Https => "https",
+            Self::Http => "http",
+        }
+    }
+
     pub fn parse(text: &str) -> BoxliteResult<Self> {
         match text {
             "https" => Ok(Self::Https),
@@ -299,12 +311,12 @@ impl RegistryClient {
             user_agent: concat!("boxlite/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };
-        let client = oci_client::Client::try_from(client_config).map_err(|e| {
-            BoxliteError::ImagePullFailed {
+        let client =
+            oci_client::Client::try_from(client_config).map_err(|e| ImageError::PullFailed {
                 reference: config.host.clone(),
                 reason: format!("cannot set up an HTTP client: {}", error_chain(&e)),
-            }
-        })?;
+                source: Some(Box::new(e)),
+            })?;
         Ok(Self {
             client,
             auth: config.auth(),
@@ -345,10 +357,7 @@ impl RegistryClient {
             .pull_manifest_raw(&oci_ref, &self.auth, MANIFEST_TYPES)
             .await
             .map_err(|e| self.error(reference, e))?;
-        let failed = |reason: String| BoxliteError::ImagePullFailed {
-            reference: reference.to_string(),
-            reason,
-        };
+        let failed = |reason: String| BoxliteError::pull_failed(reference.to_string(), reason);
         if body.len() > MAX_MANIFEST_BYTES {
             return Err(failed(format!(
                 "the manifest is {} bytes, more than the {MAX_MANIFEST_BYTES} allowed",
@@ -384,24 +393,27 @@ impl RegistryClient {
             .map_err(|e| self.error(reference, e))
     }
 
-    /// Maps a client error to the variant a caller can act on.
+    /// Maps a client error to the variant a caller can act on; the client's error is kept as
+    /// the source of a pull failure.
     pub fn error(&self, reference: &Reference, error: OciDistributionError) -> BoxliteError {
-        let unauthorized = |reason: String| BoxliteError::RegistryUnauthorized {
-            host: self.host.clone(),
-            reason,
+        let unauthorized = |reason: String| {
+            BoxliteError::from(ImageError::Unauthorized {
+                host: self.host.clone(),
+                reason,
+            })
         };
-        let not_found = || BoxliteError::ImageNotFound {
-            reference: format!(
+        let not_found = || {
+            BoxliteError::image_not_found(format!(
                 "{reference} (the registry {} has no such repository or tag)",
                 self.host
-            ),
+            ))
         };
         match &error {
             OciDistributionError::UnauthorizedError { .. } => {
-                unauthorized("HTTP 401 Unauthorized".into())
+                return unauthorized("HTTP 401 Unauthorized".into())
             }
             OciDistributionError::AuthenticationFailure(why) => {
-                unauthorized(format!("authentication failed: {}", why.trim()))
+                return unauthorized(format!("authentication failed: {}", why.trim()))
             }
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
@@ -409,8 +421,9 @@ impl RegistryClient {
                     .iter()
                     .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
                 {
-                    unauthorized(envelope.to_string())
-                } else if codes.iter().any(|c| {
+                    return unauthorized(envelope.to_string());
+                }
+                if codes.iter().any(|c| {
                     matches!(
                         c,
                         OciErrorCode::ManifestUnknown
@@ -419,26 +432,23 @@ impl RegistryClient {
                             | OciErrorCode::BlobUnknown
                     )
                 }) {
-                    not_found()
-                } else {
-                    self.failed(reference, &error)
+                    return not_found();
                 }
             }
             OciDistributionError::ServerError { code, message, .. } => match code {
-                401 | 403 => unauthorized(format!("HTTP {code}: {}", message.trim())),
-                404 => not_found(),
-                _ => self.failed(reference, &error),
+                401 | 403 => return unauthorized(format!("HTTP {code}: {}", message.trim())),
+                404 => return not_found(),
+                _ => {}
             },
-            OciDistributionError::ImageManifestNotFoundError(_) => not_found(),
-            _ => self.failed(reference, &error),
+            OciDistributionError::ImageManifestNotFoundError(_) => return not_found(),
+            _ => {}
         }
-    }
-
-    fn failed(&self, reference: &Reference, error: &OciDistributionError) -> BoxliteError {
-        BoxliteError::ImagePullFailed {
+        ImageError::PullFailed {
             reference: reference.to_string(),
-            reason: format!("{} ({})", error_chain(error), self.host),
+            reason: format!("{} ({})", error_chain(&error), self.host),
+            source: Some(Box::new(error)),
         }
+        .into()
     }
 }
 

@@ -10,63 +10,28 @@
 //!
 //! Everything that adds content holds the store's *shared* GC lock; the garbage collector takes
 //! it exclusively, so it never sees a half-pulled image.
+//!
+//! `index.json` is oci-spec's `ImageIndex` of `Descriptor`s. Hand-written on purpose: the
+//! ingest path above (streamed, hashed and size-checked before the rename), which no OCI
+//! crate here provides.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use oci_spec::image::{Descriptor, ImageIndex, MediaType, ANNOTATION_REF_NAME};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::digest::Digest;
 use super::layout::OciLayout;
-use crate::error::{BoxliteError, BoxliteResult, IoContext};
+use super::oci::{self, ref_name, Invalid};
+use crate::error::{BoxliteError, BoxliteResult, IoContext, StorageError};
 use crate::fsutil::{sync_dir, write_atomically, FileLock, LockMode, RemoveOnDrop};
 
-/// The annotation that names an image in an OCI layout's index.
-pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// When the image was pulled (Unix seconds), on the index entry.
 pub const PULLED_AT: &str = "io.boxlite.image.pulled";
 /// The image index (multi-platform) the manifest was picked from, if any.
 pub const INDEX_DIGEST: &str = "io.boxlite.image.index";
-
-/// A descriptor as stored in `index.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Descriptor {
-    #[serde(rename = "mediaType")]
-    pub media_type: String,
-    pub digest: Digest,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Platform>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-}
-
-impl Descriptor {
-    pub fn ref_name(&self) -> Option<&str> {
-        self.annotations.get(REF_NAME).map(String::as_str)
-    }
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Index {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
 
 /// The content store of one runtime home.
 #[derive(Debug, Clone)]
@@ -105,11 +70,7 @@ impl ContentStore {
             write_atomically(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         }
         if !store.index_path().is_file() {
-            let empty = Index {
-                schema_version: 2,
-                media_type: INDEX_MEDIA_TYPE.into(),
-                manifests: vec![],
-            };
+            let empty = new_index(vec![]);
             let _lock =
                 FileLock::acquire_blocking(&store.locks.join("index.lock"), LockMode::Exclusive)?;
             if !store.index_path().is_file() {
@@ -159,9 +120,11 @@ impl ContentStore {
             .read_to_end(&mut data)
             .ctx(|| format!("reading {}", path.display()))?;
         if data.len() as u64 > cap || Digest::of(&data) != *digest {
-            return Err(BoxliteError::Storage(format!(
-                "blob {digest} in the image store is damaged; remove the image and pull it again"
-            )));
+            return Err(StorageError::Damaged {
+                path: path.display().to_string(),
+                reason: format!("it does not hash to {digest}; remove the image and pull it again"),
+            }
+            .into());
         }
         Ok(data)
     }
@@ -269,9 +232,11 @@ impl ContentStore {
         let written = writer
             .await
             .map_err(|e| BoxliteError::Internal(format!("blob writer failed: {e}")))?;
-        let reject = |why: String| BoxliteError::ImagePullFailed {
-            reference: reference.to_owned(),
-            reason: format!("blob {digest} rejected: {why}"),
+        let reject = |why: String| {
+            BoxliteError::pull_failed(
+                reference.to_owned(),
+                format!("blob {digest} rejected: {why}"),
+            )
         };
         if let Some(why) = failure {
             return Err(reject(why));
@@ -293,17 +258,35 @@ impl ContentStore {
         Ok(Committed::Written)
     }
 
-    /// Every entry of `index.json`.
+    /// Every entry of `index.json`. Their digests are checked with [`Digest`] (sha256 only),
+    /// so callers convert them without a failure.
     pub fn entries(&self) -> BoxliteResult<Vec<Descriptor>> {
         let data = std::fs::read(self.index_path())
             .ctx(|| format!("reading {}", self.index_path().display()))?;
-        let index: Index = serde_json::from_slice(&data).map_err(|e| {
-            BoxliteError::Storage(format!(
-                "{} is damaged ({e}); fix or remove it",
-                self.index_path().display()
-            ))
-        })?;
-        Ok(index.manifests)
+        let damaged = |reason: String| {
+            BoxliteError::from(StorageError::Damaged {
+                path: self.index_path().display().to_string(),
+                reason: format!("{reason}; fix or remove it"),
+            })
+        };
+        let index = serde_json::from_slice(&data)
+            .map_err(Invalid::Json)
+            .and_then(oci::index)
+            .map_err(|e| match e {
+                Invalid::Digest(text) => damaged(format!("invalid digest {text:?}")),
+                Invalid::Json(e) => damaged(e.to_string()),
+            })?;
+        if let Some(bad) = index
+            .manifests()
+            .iter()
+            .find(|d| Digest::try_from(d.digest()).is_err())
+        {
+            return Err(damaged(format!(
+                "invalid digest {:?}",
+                bad.digest().as_ref()
+            )));
+        }
+        Ok(index.manifests().clone())
     }
 
     /// The entry named `name` (a normalized reference).
@@ -311,16 +294,18 @@ impl ContentStore {
         Ok(self
             .entries()?
             .into_iter()
-            .find(|d| d.ref_name() == Some(name)))
+            .find(|d| ref_name(d) == Some(name)))
     }
 
     /// Points `name` at `descriptor` (replacing what it pointed at).
     pub async fn set_entry(&self, name: &str, mut descriptor: Descriptor) -> BoxliteResult<()> {
-        descriptor.annotations.insert(REF_NAME.into(), name.into());
+        let mut annotations = descriptor.annotations().clone().unwrap_or_default();
+        annotations.insert(ANNOTATION_REF_NAME.into(), name.into());
+        descriptor.set_annotations(Some(annotations));
         self.update_index(move |entries| {
-            entries.retain(|d| d.ref_name() != descriptor.ref_name());
+            entries.retain(|d| ref_name(d) != ref_name(&descriptor));
             entries.push(descriptor);
-            entries.sort_by(|a, b| a.ref_name().cmp(&b.ref_name()));
+            entries.sort_by(|a, b| ref_name(a).cmp(&ref_name(b)));
             true
         })
         .await
@@ -334,7 +319,7 @@ impl ContentStore {
         self.update_index(|entries| {
             if let Some(i) = entries
                 .iter()
-                .position(|d| d.ref_name() == Some(name.as_str()))
+                .position(|d| ref_name(d) == Some(name.as_str()))
             {
                 removed = Some(entries.remove(i));
                 true
@@ -355,17 +340,16 @@ impl ContentStore {
         let _lock = self.lock("index.lock".into(), LockMode::Exclusive).await?;
         let mut entries = self.entries()?;
         if edit(&mut entries) {
-            self.write_index(&Index {
-                schema_version: 2,
-                media_type: INDEX_MEDIA_TYPE.into(),
-                manifests: entries,
-            })?;
+            self.write_index(&new_index(entries))?;
         }
         Ok(())
     }
 
-    fn write_index(&self, index: &Index) -> BoxliteResult<()> {
-        let data = serde_json::to_vec_pretty(index)
+    fn write_index(&self, index: &ImageIndex) -> BoxliteResult<()> {
+        // Through a `Value`, whose maps are sorted, so the annotations (a `HashMap` in
+        // oci-spec) come out in the same order every time.
+        let data = serde_json::to_value(index)
+            .and_then(|value| serde_json::to_vec_pretty(&value))
             .map_err(|e| BoxliteError::Internal(format!("serializing index.json: {e}")))?;
         write_atomically(&self.index_path(), &data)
     }
@@ -386,7 +370,13 @@ impl ContentStore {
     }
 }
 
-pub(crate) const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+/// `index.json` as it is written: schema version 2, the OCI index media type, `manifests`.
+fn new_index(manifests: Vec<Descriptor>) -> ImageIndex {
+    let mut index = ImageIndex::default();
+    index.set_media_type(Some(MediaType::ImageIndex));
+    index.set_manifests(manifests);
+    index
+}
 
 #[cfg(test)]
 mod tests {
@@ -545,12 +535,12 @@ mod tests {
     async fn the_index_maps_names_to_manifests() {
         let dir = tempfile::tempdir().unwrap();
         let store = ContentStore::open(dir.path()).unwrap();
-        let d = |data: &[u8]| Descriptor {
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            digest: Digest::of(data),
-            size: data.len() as u64,
-            platform: None,
-            annotations: BTreeMap::new(),
+        let d = |data: &[u8]| {
+            Descriptor::new(
+                MediaType::ImageManifest,
+                data.len() as u64,
+                Digest::of(data).to_oci(),
+            )
         };
         store
             .set_entry("docker.io/library/b:latest", d(b"b"))
@@ -566,9 +556,9 @@ mod tests {
             .unwrap();
         let entries = store.entries().unwrap();
         assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].ref_name(), Some("docker.io/library/a:latest"));
+        assert_eq!(ref_name(&entries[0]), Some("docker.io/library/a:latest"));
         let b = store.entry("docker.io/library/b:latest").unwrap().unwrap();
-        assert_eq!(b.digest, Digest::of(b"b2"));
+        assert!(Digest::of(b"b2") == *b.digest());
         let removed = store
             .remove_entry("docker.io/library/a:latest")
             .await
@@ -582,5 +572,174 @@ mod tests {
                 .unwrap();
         assert_eq!(index["schemaVersion"], 2);
         assert!(store.root().join("oci-layout").is_file());
+    }
+
+    /// `index.json` byte for byte as the previous release wrote it (its own serde types,
+    /// pretty-printed): an existing home must still read.
+    const PREVIOUS_INDEX: &str = r#"{
+  "schemaVersion": 2,
+  "mediaType": "application/vnd.oci.image.index.v1+json",
+  "manifests": [
+    {
+      "mediaType": "application/vnd.oci.image.manifest.v1+json",
+      "digest": "sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+      "size": 567,
+      "platform": {
+        "architecture": "amd64",
+        "os": "linux"
+      },
+      "annotations": {
+        "io.boxlite.image.pulled": "1764630001",
+        "org.opencontainers.image.ref.name": "127.0.0.1:5000/app:v1"
+      }
+    },
+    {
+      "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+      "digest": "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+      "size": 1234,
+      "platform": {
+        "architecture": "arm64",
+        "os": "linux",
+        "variant": "v8"
+      },
+      "annotations": {
+        "io.boxlite.image.index": "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        "io.boxlite.image.pulled": "1764630000",
+        "org.opencontainers.image.ref.name": "docker.io/library/alpine:latest"
+      }
+    }
+  ]
+}"#;
+
+    /// The previous release's reader of `index.json`, verbatim: what we write must still
+    /// parse with it (and so with an older boxlite sharing the home).
+    mod previous {
+        use super::super::Digest;
+        use serde::Deserialize;
+        use std::collections::BTreeMap;
+
+        #[derive(Deserialize)]
+        pub struct Index {
+            #[serde(rename = "schemaVersion")]
+            pub schema_version: u32,
+            #[serde(rename = "mediaType", default)]
+            pub media_type: String,
+            #[serde(default)]
+            pub manifests: Vec<Descriptor>,
+        }
+
+        #[derive(Deserialize)]
+        pub struct Descriptor {
+            #[serde(rename = "mediaType")]
+            pub media_type: String,
+            pub digest: Digest,
+            pub size: u64,
+            #[serde(default)]
+            pub platform: Option<Platform>,
+            #[serde(default)]
+            pub annotations: BTreeMap<String, String>,
+        }
+
+        #[derive(Deserialize)]
+        pub struct Platform {
+            pub architecture: String,
+            pub os: String,
+            #[serde(default)]
+            pub variant: Option<String>,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_index_written_by_the_previous_release_reads_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        std::fs::write(store.root().join("index.json"), PREVIOUS_INDEX).unwrap();
+
+        let entries = store.entries().unwrap();
+        assert_eq!(entries.len(), 2);
+        let alpine = store
+            .entry("docker.io/library/alpine:latest")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            alpine.media_type().to_string(),
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert!(Digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap() == *alpine.digest());
+        assert_eq!(alpine.size(), 1234);
+        let platform = alpine.platform().as_ref().unwrap();
+        assert_eq!(
+            (
+                platform.os().to_string(),
+                platform.architecture().to_string(),
+                platform.variant().as_deref()
+            ),
+            ("linux".into(), "arm64".into(), Some("v8"))
+        );
+        assert_eq!(
+            oci::annotation(&alpine, INDEX_DIGEST),
+            Some(format!("sha256:{}", "b".repeat(64)).as_str())
+        );
+        assert_eq!(oci::annotation(&alpine, PULLED_AT), Some("1764630000"));
+
+        // Rewritten by us, it still parses with the previous reader, entries unchanged.
+        let new = Descriptor::new(MediaType::ImageManifest, 9, Digest::of(b"new").to_oci());
+        store.set_entry("x.io/new:1", new).await.unwrap();
+        let written = std::fs::read(store.root().join("index.json")).unwrap();
+        let old: previous::Index = serde_json::from_slice(&written).unwrap();
+        assert_eq!(old.schema_version, 2);
+        assert_eq!(old.media_type, "application/vnd.oci.image.index.v1+json");
+        let names: Vec<&str> = old
+            .manifests
+            .iter()
+            .map(|d| d.annotations[ANNOTATION_REF_NAME].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "127.0.0.1:5000/app:v1",
+                "docker.io/library/alpine:latest",
+                "x.io/new:1"
+            ]
+        );
+        let alpine = &old.manifests[1];
+        assert_eq!(
+            alpine.media_type,
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert_eq!(alpine.digest.hex(), "a".repeat(64));
+        assert_eq!(alpine.size, 1234);
+        let platform = alpine.platform.as_ref().unwrap();
+        assert_eq!(
+            (platform.os.as_str(), platform.architecture.as_str()),
+            ("linux", "arm64")
+        );
+        assert_eq!(platform.variant.as_deref(), Some("v8"));
+        assert_eq!(alpine.annotations[PULLED_AT], "1764630000");
+        assert!(old.manifests[2].platform.is_none());
+        assert_eq!(old.manifests[2].digest, Digest::of(b"new"));
+    }
+
+    #[test]
+    fn a_damaged_index_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let path = store.root().join("index.json");
+        for bad in [
+            "{not json".to_owned(),
+            r#"{"manifests":[{"mediaType":"x","digest":"sha256:../../x","size":1}]}"#.to_owned(),
+            // A well-formed digest of an algorithm the store does not use.
+            format!(
+                r#"{{"manifests":[{{"mediaType":"x","digest":"sha512:{}","size":1}}]}}"#,
+                "a".repeat(128)
+            ),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let err = store.entries().unwrap_err();
+            assert!(
+                matches!(err, BoxliteError::Storage(StorageError::Damaged { .. })),
+                "{bad}: {err:?}"
+            );
+        }
     }
 }

@@ -1,67 +1,35 @@
-//! One box: its disk, its VM while it runs, and the commands running in it.
+//! One box: a handle on its record in the state database, and this process's connection to it
+//! while it runs. Split by job: `status` (the state machine), `lifecycle` (start, stop,
+//! remove), `connection` (reaching a running box, noticing its end), `command` (what an exec
+//! runs).
+
+mod command;
+mod connection;
+mod lifecycle;
+mod status;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use boxlite_proto::Message;
 use serde::Serialize;
 
-use crate::agent::AgentClient;
+pub(crate) use connection::Connection;
+pub use status::BoxStatus;
+pub(crate) use status::Event;
+
+use crate::copy::CopyOptions;
 use crate::error::{BoxliteError, BoxliteResult};
-use crate::exec::{to_request, BoxCommand, ExecCounters, Execution};
+use crate::exec::{BoxCommand, ExecCounters, Execution};
 use crate::ids::BoxID;
+use crate::images::ImageConfig;
 use crate::metrics::{BoxCounters, BoxMetrics, StageTimings};
-use crate::process::GuardedChild;
+use crate::options::BoxOptions;
 use crate::runtime::RuntimeShared;
-use crate::shim::{self, ShimConfig};
-use crate::state::{BoxRecord, ProcessId};
-use crate::vm::socket_path;
-use crate::vmm::{Accel, DiskAttachment, DiskFormat, VmConfig};
-
-/// Where a box is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BoxStatus {
-    Configured,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Failed,
-}
-
-impl BoxStatus {
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Configured,
-            Self::Starting,
-            Self::Running,
-            Self::Stopping,
-            Self::Stopped,
-            Self::Failed,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Configured => "configured",
-            Self::Starting => "starting",
-            Self::Running => "running",
-            Self::Stopping => "stopping",
-            Self::Stopped => "stopped",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-impl std::fmt::Display for BoxStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::state::BoxRecord;
+use crate::vmm::Accel;
 
 /// What a box is, for listings and `boxlite info`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -92,72 +60,47 @@ pub struct LiteBox {
     inner: Arc<BoxInner>,
 }
 
+/// What never changes about a box, and this process's view of it while it runs. Its status
+/// lives in the state database only.
 #[derive(Debug)]
 pub(crate) struct BoxInner {
-    record: BoxRecord,
+    id: BoxID,
+    name: Option<String>,
+    options: BoxOptions,
+    image: String,
+    image_config: ImageConfig,
+    created_at_ms: i64,
     dir: PathBuf,
-    disk: PathBuf,
     runtime: Arc<RuntimeShared>,
     counters: Arc<BoxCounters>,
     stages: Mutex<StageTimings>,
     /// Serialises start, stop and remove within this process (a file lock does it across
     /// processes).
     lifecycle: tokio::sync::Mutex<()>,
-    state: Mutex<RunState>,
-}
-
-#[derive(Debug)]
-struct RunState {
-    status: BoxStatus,
-    conn: Option<Arc<Connection>>,
-    started_at_ms: Option<i64>,
-    shim: Option<ProcessId>,
-    engine_pid: Option<u32>,
+    /// This process's connection to the box's supervisor, while it runs.
+    conn: Mutex<Option<Arc<Connection>>>,
     /// This process started it and counts it in `num_running_boxes`.
-    counted: bool,
-}
-
-/// This process's connection to a running box's supervisor.
-#[derive(Debug)]
-pub(crate) struct Connection {
-    client: AgentClient,
-    /// Set when this process started the supervisor without `detach`: dropping it ends the box.
-    owned: Option<GuardedChild>,
-    shim: ProcessId,
+    counted: AtomicBool,
 }
 
 impl LiteBox {
     /// A handle for a box known to the state database.
-    pub(crate) fn from_record(
-        record: BoxRecord,
-        dir: PathBuf,
-        runtime: Arc<RuntimeShared>,
-    ) -> Self {
-        let alive = record.shim.filter(ProcessId::is_alive);
-        let status = match record.status {
-            BoxStatus::Running | BoxStatus::Starting | BoxStatus::Stopping if alive.is_none() => {
-                BoxStatus::Stopped
-            }
-            other => other,
-        };
-        let state = RunState {
-            status,
-            conn: None,
-            started_at_ms: record.started_at_ms,
-            shim: alive,
-            engine_pid: alive.and(record.engine_pid),
-            counted: false,
-        };
+    pub(crate) fn from_record(record: BoxRecord, runtime: Arc<RuntimeShared>) -> Self {
         Self {
             inner: Arc::new(BoxInner {
-                disk: dir.join("disk.qcow2"),
-                dir,
-                record,
+                dir: runtime.box_dir(&record.id),
+                id: record.id,
+                name: record.name,
+                options: record.options,
+                image: record.image,
+                image_config: record.image_config,
+                created_at_ms: record.created_at_ms,
                 runtime,
                 counters: Arc::default(),
                 stages: Mutex::default(),
                 lifecycle: tokio::sync::Mutex::new(()),
-                state: Mutex::new(state),
+                conn: Mutex::new(None),
+                counted: AtomicBool::new(false),
             }),
         }
     }
@@ -165,6 +108,12 @@ impl LiteBox {
     pub(crate) fn set_stages(&self, stages: StageTimings) {
         if let Ok(mut s) = self.inner.stages.lock() {
             *s = stages;
+        }
+    }
+
+    pub(crate) fn record_create_total(&self, ms: u128) {
+        if let Ok(mut stages) = self.inner.stages.lock() {
+            stages.total_create_ms = Some(ms);
         }
     }
 
@@ -177,74 +126,96 @@ impl LiteBox {
     }
 
     pub fn id(&self) -> BoxID {
-        self.inner.record.id
+        self.inner.id
     }
 
     pub fn name(&self) -> Option<&str> {
-        self.inner.record.name.as_deref()
+        self.inner.name.as_deref()
     }
 
-    pub fn options(&self) -> &crate::options::BoxOptions {
-        &self.inner.record.options
+    /// The options the box was created with.
+    pub fn options(&self) -> &BoxOptions {
+        &self.inner.options
     }
 
     /// The defaults the box's image gives its commands (Env, Entrypoint, Cmd, WorkingDir,
     /// User), as recorded when the box was created.
-    pub fn image_config(&self) -> &crate::images::ImageConfig {
-        &self.inner.record.image_config
+    pub fn image_config(&self) -> &ImageConfig {
+        &self.inner.image_config
+    }
+
+    /// What `exec` without a command runs: the image's ENTRYPOINT and CMD with the box's
+    /// `entrypoint`/`cmd` applied as Docker does. Empty if neither says anything.
+    pub fn default_command(&self) -> Vec<String> {
+        command::default_argv(&self.inner.options, &self.inner.image_config)
+    }
+
+    /// The box directory on the host (disk, console log).
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The box's record now, its status brought up to date with what is really running.
+    fn record(&self) -> BoxliteResult<BoxRecord> {
+        let record = self
+            .inner
+            .runtime
+            .store
+            .get(&self.inner.id)?
+            .ok_or_else(|| BoxliteError::BoxNotFound {
+                id: self.inner.id.to_string(),
+            })?;
+        self.inner.runtime.reconcile(record)
     }
 
     pub fn status(&self) -> BoxStatus {
-        self.refresh();
-        self.inner
-            .state
-            .lock()
-            .map(|s| s.status)
-            .unwrap_or(BoxStatus::Failed)
+        self.record()
+            .map(|r| r.status)
+            .unwrap_or(BoxStatus::Stopped)
     }
 
-    /// Notices a supervisor that died behind our back (another process stopped the box, or
-    /// its VM was killed).
-    fn refresh(&self) {
-        let Ok(state) = self.inner.state.lock() else {
-            return;
-        };
-        if state.status == BoxStatus::Running && !state.shim.is_some_and(|s| s.is_alive()) {
-            drop(state);
-            self.mark_stopped();
-        }
-    }
-
-    pub fn info(&self) -> BoxInfo {
-        self.refresh();
-        let record = &self.inner.record;
-        let (status, started_at_ms, pid, shim_pid) = match self.inner.state.lock() {
-            Ok(s) => (
-                s.status,
-                s.started_at_ms,
-                s.engine_pid,
-                s.shim.map(|p| p.pid),
-            ),
-            Err(_) => (BoxStatus::Failed, None, None, None),
-        };
+    /// What the box is now; `BoxNotFound` once it has been removed.
+    pub fn try_info(&self) -> BoxliteResult<BoxInfo> {
+        let record = self.record()?;
         let accel = self.inner.runtime.accel();
         let at = |ms: i64| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-        BoxInfo {
+        let running = record.status.has_engine();
+        Ok(BoxInfo {
             id: record.id,
-            name: record.name.clone(),
-            status,
-            image: record.image.clone(),
+            name: record.name,
+            status: record.status,
+            image: record.image,
             cpus: record.options.cpus,
             memory_mib: record.options.memory.as_mib(),
-            created_at: at(record.created_at_ms),
-            started_at: started_at_ms.map(at),
-            pid,
-            shim_pid,
+            created_at: at(self.inner.created_at_ms),
+            started_at: record.started_at_ms.map(at),
+            pid: record.engine_pid.filter(|_| running),
+            shim_pid: record.shim.filter(|_| running).map(|p| p.pid),
             detach: record.options.detach,
             auto_remove: record.options.auto_remove,
             accel,
             hardware_isolated: accel.is_hardware_isolated(),
-        }
+        })
+    }
+
+    /// What the box is now (a removed box reads as stopped).
+    pub fn info(&self) -> BoxInfo {
+        self.try_info().unwrap_or_else(|_| BoxInfo {
+            id: self.inner.id,
+            name: self.inner.name.clone(),
+            status: BoxStatus::Stopped,
+            image: self.inner.image.clone(),
+            cpus: self.inner.options.cpus,
+            memory_mib: self.inner.options.memory.as_mib(),
+            created_at: UNIX_EPOCH + Duration::from_millis(self.inner.created_at_ms.max(0) as u64),
+            started_at: None,
+            pid: None,
+            shim_pid: None,
+            detach: self.inner.options.detach,
+            auto_remove: self.inner.options.auto_remove,
+            accel: self.inner.runtime.accel(),
+            hardware_isolated: self.inner.runtime.accel().is_hardware_isolated(),
+        })
     }
 
     /// Counters and timings, with CPU, memory and disk as the guest reports them while it runs.
@@ -262,295 +233,11 @@ impl LiteBox {
         Ok(metrics)
     }
 
-    /// Boots the box's VM from its disk (state kept from earlier runs).
-    pub async fn start(&self) -> BoxliteResult<()> {
-        let _serial = self.inner.lifecycle.lock().await;
-        let _cross_process = self.inner.runtime.lock_box(&self.inner.dir).await?;
-        self.refresh();
-        let status = self.status();
-        if !matches!(
-            status,
-            BoxStatus::Configured | BoxStatus::Stopped | BoxStatus::Failed
-        ) {
-            return Err(self.wrong_state(status, "start"));
-        }
-        let _slot = self.inner.runtime.boot_slot().await?;
-        self.set_status(BoxStatus::Starting);
-        match self.boot().await {
-            Ok(conn) => {
-                let running = (conn.shim, self.engine_pid());
-                self.inner.runtime.store.set_status(
-                    &self.id(),
-                    BoxStatus::Running,
-                    Some(running),
-                )?;
-                let started_at_ms = crate::state::now_ms();
-                if let Ok(mut state) = self.inner.state.lock() {
-                    state.status = BoxStatus::Running;
-                    state.shim = Some(conn.shim);
-                    state.started_at_ms = Some(started_at_ms);
-                    state.conn = Some(conn.clone());
-                    state.counted = true;
-                }
-                self.inner.runtime.metrics.box_started();
-                tokio::spawn(watch_connection(
-                    Arc::downgrade(&self.inner),
-                    Arc::downgrade(&conn),
-                    conn.client.clone(),
-                ));
-                Ok(())
-            }
-            Err(e) => {
-                self.set_status(BoxStatus::Failed);
-                let _ = self
-                    .inner
-                    .runtime
-                    .store
-                    .set_status(&self.id(), BoxStatus::Failed, None);
-                Err(e)
-            }
-        }
-    }
-
-    fn engine_pid(&self) -> u32 {
-        self.inner
-            .state
-            .lock()
-            .ok()
-            .and_then(|s| s.engine_pid)
-            .unwrap_or_default()
-    }
-
-    async fn boot(&self) -> BoxliteResult<Arc<Connection>> {
-        let started = Instant::now();
-        let env = self.inner.runtime.vm_env().await?;
-        let id = self.id().to_string();
-        let vm = VmConfig {
-            name: format!("boxlite-{id}"),
-            kernel: env.bundle.kernel.clone(),
-            initramfs: env.bundle.initramfs.clone(),
-            kernel_args: vec!["boxlite.root=/dev/vda".into(), "boxlite.mode=box".into()],
-            cpus: self.inner.record.options.cpus,
-            memory: self.inner.record.options.memory,
-            disks: vec![DiskAttachment {
-                path: self.inner.disk.clone(),
-                format: DiskFormat::Qcow2,
-                volatile: false,
-            }],
-            agent_socket: socket_path(self.inner.dir.join("agent.sock"), &format!("{id}-agent"))?,
-            console_log: self.inner.dir.join("console.log"),
-            accel: env.accel,
-        };
-        let client_socket = socket_path(self.inner.dir.join("shim.sock"), &id)?;
-        let config = ShimConfig {
-            qemu: env.qemu.clone(),
-            vm,
-            boot_timeout: env.boot_timeout,
-            client_socket: client_socket.clone(),
-        };
-        let box_config_ms = started.elapsed().as_millis();
-        let detach = self.inner.record.options.detach;
-        let handle = shim::spawn(&env.shim, &self.inner.dir, &config, detach).await?;
-        let client = match shim::connect(&client_socket).await {
-            Ok(client) => client,
-            Err(e) => {
-                handle.child.kill_and_wait().await;
-                return Err(e);
-            }
-        };
-        if let Ok(mut stages) = self.inner.stages.lock() {
-            stages.box_config_ms = Some(box_config_ms);
-            stages.box_spawn_ms = Some(handle.spawn_ms);
-            stages.container_init_ms = Some(handle.boot_ms.saturating_sub(handle.spawn_ms));
-            stages.guest_boot_ms = Some(handle.boot_ms);
-        }
-        if let Ok(mut state) = self.inner.state.lock() {
-            state.engine_pid = Some(handle.engine_pid);
-        }
-        let process = handle.process;
-        let owned = (!detach).then_some(handle.child);
-        Ok(Arc::new(Connection {
-            client,
-            owned,
-            shim: process,
-        }))
-    }
-
-    /// Syncs and powers the guest off (killing it after the stop timeout); a no-op for a box
-    /// that is not running. Works on boxes started by other processes too.
-    pub async fn stop(&self) -> BoxliteResult<()> {
-        let _serial = self.inner.lifecycle.lock().await;
-        let _cross_process = self.inner.runtime.lock_box(&self.inner.dir).await?;
-        self.stop_locked().await?;
-        if self.inner.record.options.auto_remove {
-            self.remove_files()?;
-        }
-        Ok(())
-    }
-
-    async fn stop_locked(&self) -> BoxliteResult<()> {
-        self.refresh();
-        let (status, shim, conn) = {
-            let state = self.inner.state.lock().map_err(|_| poisoned())?;
-            (state.status, state.shim, state.conn.clone())
-        };
-        let Some(shim) = shim.filter(|_| status == BoxStatus::Running) else {
-            return Ok(());
-        };
-        self.set_status(BoxStatus::Stopping);
-        let client = match conn {
-            Some(conn) => Some(conn.client.clone()),
-            None => shim::connect(&socket_path(
-                self.inner.dir.join("shim.sock"),
-                &self.id().to_string(),
-            )?)
-            .await
-            .ok(),
-        };
-        let timeout = self.inner.runtime.options.stop_timeout.as_duration();
-        let graceful = async {
-            if let Some(client) = &client {
-                // The guest may power off before its reply leaves; the exit is what counts.
-                let _ = client.request(Message::Shutdown).await;
-            }
-            wait_gone(shim).await;
-        };
-        if tokio::time::timeout(timeout, graceful).await.is_err() {
-            tracing::warn!(box_id = %self.id(), "graceful stop timed out; killing the box");
-        }
-        kill_gone(shim).await;
-        if let Some(engine) = self
-            .inner
-            .state
-            .lock()
-            .ok()
-            .and_then(|s| s.engine_pid)
-            .and_then(ProcessId::of)
-        {
-            kill_gone(engine).await;
-        }
-        if let Some(client) = client {
-            client.close("the box was stopped");
-        }
-        self.mark_stopped();
-        Ok(())
-    }
-
-    /// Stops (if `force`) and deletes the box: disk, directory and record.
-    pub(crate) async fn remove(&self, force: bool) -> BoxliteResult<()> {
-        let _serial = self.inner.lifecycle.lock().await;
-        let _cross_process = self.inner.runtime.lock_box(&self.inner.dir).await?;
-        self.refresh();
-        let status = self.status();
-        if matches!(
-            status,
-            BoxStatus::Running | BoxStatus::Starting | BoxStatus::Stopping
-        ) {
-            if !force {
-                return Err(BoxliteError::InvalidState {
-                    id: self.id().to_string(),
-                    state: status.to_string(),
-                    operation: "remove (use force=True to stop it first)".into(),
-                });
-            }
-            self.stop_locked().await?;
-        }
-        self.remove_files()
-    }
-
-    fn remove_files(&self) -> BoxliteResult<()> {
-        self.inner.runtime.store.delete(&self.id())?;
-        self.inner.runtime.forget(&self.id());
-        match std::fs::remove_dir_all(&self.inner.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BoxliteError::io(
-                format!("removing {}", self.inner.dir.display()),
-                e,
-            )),
-        }
-    }
-
-    fn mark_stopped(&self) {
-        let counted = self
-            .inner
-            .state
-            .lock()
-            .map(|mut s| {
-                s.status = BoxStatus::Stopped;
-                s.conn = None;
-                s.shim = None;
-                s.engine_pid = None;
-                std::mem::take(&mut s.counted)
-            })
-            .unwrap_or(false);
-        if counted {
-            self.inner.runtime.metrics.box_stopped();
-        }
-        let _ = self
-            .inner
-            .runtime
-            .store
-            .set_status(&self.id(), BoxStatus::Stopped, None);
-    }
-
-    /// The connection to the running box, attaching to its supervisor if another process
-    /// started it.
-    async fn client(&self) -> BoxliteResult<AgentClient> {
-        self.refresh();
-        let (status, conn, shim) = {
-            let state = self.inner.state.lock().map_err(|_| poisoned())?;
-            (state.status, state.conn.clone(), state.shim)
-        };
-        if status != BoxStatus::Running {
-            return Err(self.wrong_state(status, "exec in"));
-        }
-        if let Some(conn) = conn.filter(|c| c.client.closed_reason().is_none()) {
-            return Ok(conn.client.clone());
-        }
-        let shim = shim.ok_or_else(|| self.wrong_state(BoxStatus::Stopped, "exec in"))?;
-        let client = shim::connect(&socket_path(
-            self.inner.dir.join("shim.sock"),
-            &self.id().to_string(),
-        )?)
-        .await?;
-        let conn = Arc::new(Connection {
-            client: client.clone(),
-            owned: None,
-            shim,
-        });
-        if let Ok(mut state) = self.inner.state.lock() {
-            state.conn = Some(conn.clone());
-        }
-        tokio::spawn(watch_connection(
-            Arc::downgrade(&self.inner),
-            Arc::downgrade(&conn),
-            client.clone(),
-        ));
-        Ok(client)
-    }
-
-    /// Starts `command` in the box.
+    /// Starts `command` in the box; a box that is not running is started first.
     pub async fn exec(&self, command: BoxCommand) -> BoxliteResult<Execution> {
         command.validate()?;
-        let client = self.client().await?;
-        let record = &self.inner.record;
-        let (box_options, image) = (&record.options, &record.image_config);
-        let env = crate::images::merge_env(
-            &crate::images::merge_env(&image.env, &box_options.env),
-            &command.env,
-        );
-        let cwd = command
-            .cwd
-            .clone()
-            .or_else(|| box_options.working_dir.clone())
-            .or_else(|| image.working_dir.clone());
-        let user = command
-            .user
-            .clone()
-            .or_else(|| box_options.user.clone())
-            .or_else(|| image.user.clone());
-        let request = to_request(&command, env, cwd, user);
+        let client = self.running_client().await?;
+        let request = command::request(&command, &self.inner.options, &self.inner.image_config);
         let counters = ExecCounters {
             of_box: self.inner.counters.clone(),
             runtime: self.inner.runtime.metrics.clone(),
@@ -559,103 +246,100 @@ impl LiteBox {
         Execution::start(channel, &command, counters).await
     }
 
+    /// The box's default command (`default_command()`) plus `extra_args`, under a terminal of
+    /// `tty` size if given, else of the default size when the box was created with `tty`.
+    pub fn default_exec(
+        &self,
+        extra_args: Vec<String>,
+        tty: Option<boxlite_proto::TtySize>,
+    ) -> BoxliteResult<BoxCommand> {
+        command::default_exec(
+            &self.inner.options,
+            &self.inner.image_config,
+            extra_args,
+            tty,
+        )
+    }
+
     /// Copies the host file or directory `src` into the box: to `dest` exactly, or into
     /// `dest` when it ends with `/`.
-    pub async fn copy_in(&self, src: &Path, dest: &str) -> BoxliteResult<()> {
-        let client = self.client().await?;
-        crate::copy::copy_in(&client, src, dest).await
+    pub async fn copy_in(&self, src: &Path, dest: &str, options: CopyOptions) -> BoxliteResult<()> {
+        let client = self.running_client().await?;
+        crate::copy::copy_in(&client, src, dest, options).await
     }
 
     /// Copies the box path `src` to the host: to `dest` exactly, or into `dest` when it is an
     /// existing directory or ends with `/`. Nothing lands outside `dest`.
-    pub async fn copy_out(&self, src: &str, dest: &Path) -> BoxliteResult<()> {
-        let client = self.client().await?;
-        crate::copy::copy_out(&client, src, dest).await
+    pub async fn copy_out(
+        &self,
+        src: &str,
+        dest: &Path,
+        options: CopyOptions,
+    ) -> BoxliteResult<()> {
+        let client = self.running_client().await?;
+        crate::copy::copy_out(&client, src, dest, options).await
     }
 
-    pub(crate) fn record_create_total(&self, ms: u128) {
-        if let Ok(mut stages) = self.inner.stages.lock() {
-            stages.total_create_ms = Some(ms);
+    /// The contents of the regular file `path` in the box.
+    pub async fn read_file(&self, path: &str) -> BoxliteResult<Vec<u8>> {
+        let client = self.running_client().await?;
+        crate::copy::read_file(&client, path).await
+    }
+
+    /// Writes `data` to `path` in the box with permission bits `mode`, replacing the file and
+    /// creating missing parent directories.
+    pub async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> BoxliteResult<()> {
+        crate::copy::validate_write(path, mode)?;
+        let client = self.running_client().await?;
+        crate::copy::write_file(&client, path, data, mode).await
+    }
+
+    /// The names in the directory `path` of the box, sorted (no `.` and `..`). Uses the
+    /// image's `find` (busybox or findutils).
+    pub async fn list_dir(&self, path: &str) -> BoxliteResult<Vec<String>> {
+        crate::options::validate_box_path("path", path)?;
+        let prefix = format!("{}/", path.trim_end_matches('/'));
+        let command = BoxCommand::new("find")
+            .args([
+                prefix.as_str(),
+                "-mindepth",
+                "1",
+                "-maxdepth",
+                "1",
+                "-print0",
+            ])
+            .user("0:0");
+        let result = self.exec(command).await?.wait().await?;
+        if result.exit_code != 0 {
+            let stderr = String::from_utf8_lossy(&result.stderr);
+            let reason = stderr
+                .trim()
+                .lines()
+                .last()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("find exited with {}", result.exit_code));
+            return Err(BoxliteError::invalid(
+                "path",
+                format!("cannot list {path:?} in the box: {reason}"),
+            ));
         }
-    }
-
-    /// The box directory on the host (disk, console log).
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
-    }
-
-    fn set_status(&self, status: BoxStatus) {
-        if let Ok(mut state) = self.inner.state.lock() {
-            state.status = status;
-        }
+        let mut names: Vec<String> = result
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                String::from_utf8_lossy(e.strip_prefix(prefix.as_bytes()).unwrap_or(e)).into_owned()
+            })
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     fn wrong_state(&self, status: BoxStatus, operation: &str) -> BoxliteError {
         BoxliteError::InvalidState {
-            id: self.id().to_string(),
+            id: self.inner.id.to_string(),
             state: status.to_string(),
             operation: operation.into(),
-        }
-    }
-}
-
-fn poisoned() -> BoxliteError {
-    BoxliteError::Internal("box state lock poisoned".into())
-}
-
-/// Waits until the process is gone (polling: it may not be our child).
-async fn wait_gone(process: ProcessId) {
-    while process.is_alive() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Kills the process if it is still the one recorded, and waits until it is gone.
-async fn kill_gone(process: ProcessId) {
-    if process.is_alive() {
-        // SAFETY: kill(2) on a pid whose start time we just checked.
-        unsafe { libc::kill(process.pid as libc::pid_t, libc::SIGKILL) };
-        let _ = tokio::time::timeout(Duration::from_secs(10), wait_gone(process)).await;
-    }
-}
-
-/// Notices a connection that ends without `stop` (the VM was killed, or another process
-/// stopped the box) and marks the box stopped. Holds no strong reference to the box.
-async fn watch_connection(inner: Weak<BoxInner>, conn: Weak<Connection>, client: AgentClient) {
-    client.closed().await;
-    let (Some(inner), Some(conn)) = (inner.upgrade(), conn.upgrade()) else {
-        return;
-    };
-    let litebox = LiteBox { inner };
-    let current = litebox.inner.state.lock().ok().and_then(|s| s.conn.clone());
-    if current.is_some_and(|c| Arc::ptr_eq(&c, &conn)) {
-        // Give the supervisor a moment to exit after its VM did.
-        let _ = tokio::time::timeout(Duration::from_secs(2), wait_gone(conn.shim)).await;
-        if !conn.shim.is_alive() {
-            tracing::warn!(box_id = %litebox.id(), "the box's VM exited");
-            litebox.mark_stopped();
-        } else if let Ok(mut state) = litebox.inner.state.lock() {
-            state.conn = None; // Reconnect on next use.
-        }
-    }
-}
-
-impl Drop for BoxInner {
-    fn drop(&mut self) {
-        // The last handle of a box this process started (not detached): it dies with us.
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        let owned = state.conn.take().filter(|c| c.owned.is_some());
-        if owned.is_some() {
-            drop(owned);
-            let _ = self
-                .runtime
-                .store
-                .set_status(&self.record.id, BoxStatus::Stopped, None);
-        }
-        if std::mem::take(&mut state.counted) {
-            self.runtime.metrics.box_stopped();
         }
     }
 }

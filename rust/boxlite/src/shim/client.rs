@@ -27,12 +27,14 @@ pub(crate) struct ShimHandle {
 /// Bytes of the shim's own log kept on disk.
 const SHIM_LOG_LIMIT: u64 = 256 * 1024;
 
-/// Writes the config, starts the shim and waits for its status line.
+/// Writes the config, starts the shim and waits for its status line. `on_spawned` learns the
+/// shim's identity as soon as it exists (so a crash mid-boot can be cleaned up later).
 pub(crate) async fn spawn(
     shim_binary: &Path,
     box_dir: &Path,
     config: &ShimConfig,
     detach: bool,
+    on_spawned: impl FnOnce(ProcessId),
 ) -> BoxliteResult<ShimHandle> {
     let config_path = box_dir.join("shim.json");
     let json = serde_json::to_vec_pretty(config)
@@ -49,6 +51,9 @@ pub(crate) async fn spawn(
         capture_stdout: true,
     };
     let (child, stdout) = GuardedChild::spawn(command, &options)?;
+    if let Some(process) = ProcessId::of(child.pid()) {
+        on_spawned(process);
+    }
     let stdout = stdout.ok_or_else(|| BoxliteError::Internal("shim stdout not captured".into()))?;
     let line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
@@ -57,7 +62,7 @@ pub(crate) async fn spawn(
             .map(|_| line)
     })
     .await
-    .map_err(|e| BoxliteError::Internal(format!("reading the shim status: {e}")))?
+    .map_err(|e| crate::error::task_failed("shim status", e))?
     .map_err(|e| BoxliteError::io("reading the shim status", e))?;
     let status: ShimStatus = match serde_json::from_str(line.trim()) {
         Ok(status) => status,
@@ -97,7 +102,7 @@ pub(crate) async fn spawn(
 /// Connects to a running shim; resolves once the guest's `Ready` has been relayed.
 pub(crate) async fn connect(socket: &Path) -> BoxliteResult<AgentClient> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
-        BoxliteError::GuestProtocol(format!(
+        BoxliteError::connection_lost(format!(
             "cannot reach the box supervisor at {}: {e}",
             socket.display()
         ))
@@ -105,11 +110,11 @@ pub(crate) async fn connect(socket: &Path) -> BoxliteResult<AgentClient> {
     let (client, ready) = AgentClient::start(stream);
     let ready = tokio::time::timeout(std::time::Duration::from_secs(10), ready)
         .await
-        .map_err(|_| BoxliteError::GuestProtocol("the box supervisor did not greet".into()))?
-        .map_err(|_| BoxliteError::GuestProtocol("the box supervisor hung up".into()))?;
+        .map_err(|_| BoxliteError::protocol("the box supervisor did not greet"))?
+        .map_err(|_| BoxliteError::protocol("the box supervisor hung up"))?;
     match ready {
         boxlite_proto::Message::Ready { version, .. } if version == PROTOCOL_VERSION => Ok(client),
-        other => Err(BoxliteError::GuestProtocol(format!(
+        other => Err(BoxliteError::protocol(format!(
             "unexpected greeting from the box supervisor: {other:?}"
         ))),
     }
