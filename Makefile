@@ -10,7 +10,7 @@ GUEST_OUT  := $(BUILD)/guest
 PKG_GUEST  := python/boxlite/guest
 DEMO_IMAGE := $(BUILD)/images/busybox
 AGENT      := target/guest/x86_64-unknown-linux-gnu/release/boxlite-guest
-PY_DEPS    := maturin>=1.7,<2 pytest>=8 pytest-asyncio>=0.23 pytest-timeout>=2.3 mypy>=1.10 ruff>=0.5
+PY_DEPS    := maturin>=1.7,<2 pytest>=8 pytest-asyncio>=0.23 pytest-timeout>=2.3 mypy>=1.10 ruff>=0.5 pypiserver>=2
 
 RUST_SOURCES  := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml)
 GUEST_SOURCES := $(shell find rust/boxlite-guest rust/boxlite-proto -name '*.rs' -o -name Cargo.toml)
@@ -23,14 +23,14 @@ demo: develop guest image
 test: develop guest image test-images lint rust-test stubtest py-test
 
 # The benchmark suite (no pass/fail); FIGURE=name[,name] runs only those. See docs/benchmarks.md.
-bench: develop guest image
+bench: develop guest image test-images
 	$(PY) bench/run.py $(if $(FIGURE),--only $(FIGURE))
 
 $(STAMPS)/system:
 	scripts/install-system-deps.sh
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/venv: $(STAMPS)/system
+$(STAMPS)/venv: $(STAMPS)/system Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(foreach d,$(PY_DEPS),'$(d)')
@@ -60,21 +60,21 @@ $(PKG_GUEST)/manifest.json: $(GUEST_OUT)/manifest.json
 
 guest: $(PKG_GUEST)/manifest.json
 
-$(DEMO_IMAGE)/index.json: images/busybox_layout.py $(STAMPS)/system
+$(DEMO_IMAGE)/index.json: images/busybox_layout.py testkit/images.py testkit/oci.py $(STAMPS)/system
 	python3 images/busybox_layout.py $(DEMO_IMAGE)
 
 image: $(DEMO_IMAGE)/index.json
 
-# The registry test images (alpine/python stand-ins from Debian packages, a multi-layer image,
-# multi-platform indexes), built once per machine: cached under build/test-images/<script hash>.
+# The test kit's images (alpine/python stand-ins from Debian packages, a multi-layer image,
+# multi-platform indexes), built once per machine: cached under build/test-images/<builder hash>.
 test-images: $(STAMPS)/system
 	python3 tests/images/build.py $(BUILD)/test-images
 
 lint: $(STAMPS)/venv
 	cargo fmt --all --check
 	cargo clippy -q --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests scripts images examples bench
-	$(VENV)/bin/ruff format --check python tests scripts images examples bench
+	$(VENV)/bin/ruff check python tests scripts images examples bench testkit
+	$(VENV)/bin/ruff format --check python tests scripts images examples bench testkit
 
 rust-test:
 	cargo test -q --workspace

@@ -8,10 +8,9 @@ import os
 
 import boxlite
 
-# A local OCI image layout with python3, so the example runs offline (`python
-# tests/python_image.py` builds one); with a registry at hand, drop rootfs_path and CodeBox
-# uses python:slim.
-PYTHON_IMAGE = os.environ.get("BOXLITE_EXAMPLE_PYTHON_IMAGE", "build/images/python-slim")
+# A local OCI image layout with python3, so the example runs offline (`make test-images`
+# builds one); with a registry at hand, drop rootfs_path and CodeBox uses python:slim.
+PYTHON_IMAGE = os.environ.get("BOXLITE_EXAMPLE_PYTHON_IMAGE", "build/test-images/current/python")
 
 
 async def main() -> None:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import boxlite
-
 REPO = Path(__file__).resolve().parent.parent
+# The test kit (testkit/, shared with bench/) is a package at the repository root.
+sys.path.insert(0, str(REPO))
+
+import boxlite  # noqa: E402
+from testkit.images import busybox_layout  # noqa: E402
 
 
 def engine_pids(marker: str) -> list[int]:
@@ -54,7 +56,7 @@ def image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if prebuilt and (Path(prebuilt) / "index.json").is_file():
         return Path(prebuilt)
     out = tmp_path_factory.mktemp("image") / "busybox"
-    subprocess.run([sys.executable, str(REPO / "images" / "busybox_layout.py"), str(out)], check=True)
+    busybox_layout(out)
     return out
 
 

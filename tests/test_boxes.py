@@ -10,7 +10,7 @@ import pytest
 
 import boxlite
 from conftest import engine_pids, make_runtime, pid_alive, run
-from layouts import entry, tar_of, with_config, with_layer
+from testkit.oci import entry, tar_of, with_config, with_layer
 
 
 async def test_create_exec_stop_leaves_nothing_running(runtime: boxlite.Boxlite, image_layout: Path) -> None:

@@ -7,8 +7,6 @@ import fcntl
 import os
 import re
 import select
-import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -18,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from testkit.registry import Registry
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 180.0  # seconds a CLI command or an expected output may take before the test fails
@@ -101,7 +101,7 @@ def test_run_keeps_the_stopped_box_without_rm_and_takes_options(home: Path, imag
     mem_kib = int(lines[1].split()[1])
     assert 200 * 1024 < mem_kib <= 300 * 1024
     listed = ok(cli(home, "ps", "-a")).splitlines()
-    assert listed[0].split() == ["BOX", "ID", "IMAGE", "STATUS", "CREATED", "ACCEL", "NAME"]
+    assert listed[0].split() == ["BOX", "ID", "IMAGE", "STATUS", "CREATED", "PORTS", "ACCEL", "NAME"]
     assert len(listed) == 2 and " stopped " in listed[1] and listed[1].rstrip().endswith("once")
     assert ok(cli(home, "ps")).splitlines()[1:] == []  # not running
     ok(cli(home, "rm", "once"))
@@ -226,6 +226,10 @@ class Pty:
             chunk = os.read(self.master, 65536)
         except OSError:  # EIO: every process holding the terminal is gone
             return False
+        # Answer a cursor-position query as a terminal does (busybox's line editor asks,
+        # and may take the next typed line for the answer when none comes).
+        for _ in range(chunk.count(b"\x1b[6n")):
+            os.write(self.master, b"\x1b[1;1R")
         self.output += chunk
         return bool(chunk)
 
@@ -315,51 +319,13 @@ def test_ctrl_c_in_a_tty_goes_to_the_box(shared_home: Path, svc: str) -> None:
 # ------------------------------------------------------------------------------------- images
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory, image_layout: Path) -> Iterator[str]:
     """A real local registry (Debian's docker-registry) holding the busybox image as
     library/busybox:latest; yields its host:port."""
-    exe = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-    root = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = root / "config.yml"
-    config.write_text(
-        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
-    )
-    proc = subprocess.Popen([exe, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "docker-registry did not start"
-                time.sleep(0.1)
-        host = f"127.0.0.1:{port}"
-        subprocess.run(
-            [
-                "skopeo",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                f"oci:{image_layout}:latest",
-                f"docker://{host}/library/busybox:latest",
-            ],
-            check=True,
-            timeout=120,
-        )
-        yield host
-    finally:
-        proc.terminate()
-        proc.wait()
+    with Registry(tmp_path_factory.mktemp("registry")) as reg:
+        reg.push(image_layout, "latest", "library/busybox")
+        yield reg.host
 
 
 def test_pull_images_run_and_rmi_through_a_registry(home: Path, registry: str) -> None:

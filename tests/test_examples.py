@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from python_image import python_layout
+from testkit.images import python_layout
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

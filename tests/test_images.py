@@ -2,7 +2,7 @@
 concurrent and offline use, progress, removal and garbage collection.
 
 Every registry here is a real ``docker-registry`` on 127.0.0.1 (or our tampering proxy in front
-of one), filled with images built from Debian packages by ``tests/images/build.py``; every box
+of one), filled with the test kit's images built from Debian packages (``testkit.images``); every box
 is a real VM.
 """
 
@@ -22,15 +22,16 @@ import pytest
 
 import boxlite
 from conftest import make_runtime, run
-from layouts import with_config
-from registry import Proxy, Registry, build_test_images, layout_blobs, manifest_digest
+from testkit.images import built_images
+from testkit.oci import layout_blobs, manifest_digest, umoci_unpack, with_config
+from testkit.registry import Proxy, Registry, free_port
 
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
 
 @pytest.fixture(scope="session")
 def images() -> Path:
-    return build_test_images()
+    return built_images()
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +178,6 @@ async def test_missing_images_and_platforms(home: Path, registry: Registry, imag
 
 
 async def test_network_failure_is_a_pull_error_with_the_cause(home: Path) -> None:
-    from registry import free_port
-
     rt = make_runtime(home, image_registries=[mirror(f"127.0.0.1:{free_port()}")])
     with pytest.raises(boxlite.ImagePullError, match=r"(?i)connect"):
         await rt.images.pull("alpine:latest")
@@ -350,7 +349,7 @@ json.dump(out, sys.stdout, sort_keys=True)
 
 def umoci_tree(layout: Path, tag: str, tmp: Path) -> dict[str, dict[str, object]]:
     bundle = tmp / "bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)], check=True, capture_output=True)
+    umoci_unpack(layout, tag, bundle)
     script = tmp / "dump.py"
     script.write_text(DUMP)
     out = subprocess.run(
@@ -363,7 +362,9 @@ def umoci_tree(layout: Path, tag: str, tmp: Path) -> dict[str, dict[str, object]
 
 
 # Not part of the image: the box root's mount points and the dump script itself.
-NOT_IMAGE = ["proc", "sys", "dev", "run/dump.py"]
+# What is not the image's: pseudo filesystems, the dump script, and the files the runtime writes
+# at every boot, as Docker does (the box's hostname and name resolution).
+NOT_IMAGE = ["proc", "sys", "dev", "run/dump.py", "etc/hostname", "etc/hosts", "etc/resolv.conf"]
 
 
 async def test_a_multilayer_image_in_a_box_equals_umoci_unpack(

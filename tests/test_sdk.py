@@ -4,12 +4,10 @@ real VMs: runtime, options, boxes, files, executions, cancellation, SimpleBox an
 from __future__ import annotations
 
 import asyncio
-import io
 import signal
 import subprocess
 import sys
 import textwrap
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,9 @@ import pytest
 
 import boxlite
 from conftest import make_runtime, run
-from python_image import python_layout
+from testkit.images import python_layout
+from testkit.oci import with_config
+from testkit.wheels import pure_wheel
 
 
 def options(layout: Path, **kwargs: object) -> boxlite.BoxOptions:
@@ -68,8 +68,8 @@ def test_box_options_follow_the_published_field_order_and_defaults() -> None:
         ({"image": ""}, boxlite.InvalidArgumentError, "`image`"),
         ({"image": "a", "name": ""}, boxlite.InvalidArgumentError, "`name`"),
         ({"image": "a", "volumes": [("/h", "/b")]}, boxlite.NotSupportedError, "volumes"),
-        ({"image": "a", "ports": [(8080, 80)]}, boxlite.NotSupportedError, "ports"),
-        ({"image": "a", "network": "bridge"}, boxlite.NotSupportedError, "network"),
+        ({"image": "a", "ports": [(8080, 80, "udp")]}, boxlite.NotSupportedError, "UDP"),
+        ({"image": "a", "network": boxlite.NetworkSpec("bridge")}, boxlite.InvalidArgumentError, "network mode"),
         ({"image": "a", "secrets": ["s"]}, boxlite.NotSupportedError, "secrets"),
         ({"image": "a", "advanced": object()}, boxlite.NotSupportedError, "advanced"),
         ({"image": "a", "auto_stop": 60}, boxlite.NotSupportedError, "auto_stop"),
@@ -220,8 +220,6 @@ async def test_default_command_comes_from_the_image_or_the_options(
 
 
 async def test_a_box_without_any_command_says_so(runtime: boxlite.Boxlite, image_layout: Path, tmp_path: Path) -> None:
-    from layouts import with_config
-
     bare = tmp_path / "bare"
     with_config(image_layout, bare, {"Cmd": None, "Entrypoint": None})
     box = await runtime.create(options(bare))
@@ -371,22 +369,6 @@ def codebox(shared_runtime: boxlite.Boxlite, python_image: Path) -> Iterator[box
     asyncio.run(box.shutdown())
 
 
-def _wheel(name: str, version: str, module_source: str) -> bytes:
-    """A minimal pure-Python wheel, built in memory."""
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}.py": module_source,
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: boxlite-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = "".join(f"{path},,\n" for path in files) + f"{dist}/RECORD,,\n"
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for path, text in {**files, f"{dist}/RECORD": record}.items():
-            zf.writestr(path, text)
-    return out.getvalue()
-
-
 async def test_codebox_runs_code_and_reports_failures(codebox: boxlite.CodeBox, tmp_path: Path) -> None:
     assert await codebox.run("print(6 * 7)") == "42\n"
     with pytest.raises(boxlite.ExecError) as caught:
@@ -403,7 +385,9 @@ async def test_codebox_runs_code_and_reports_failures(codebox: boxlite.CodeBox, 
 
 async def test_codebox_installs_packages(codebox: boxlite.CodeBox) -> None:
     for name, value in (("tinypkg", 1), ("otherpkg", 2), ("thirdpkg", 3)):
-        await codebox.write_file(f"/tmp/wheels/{name}-1.0-py3-none-any.whl", _wheel(name, "1.0", f"VALUE = {value}\n"))
+        await codebox.write_file(
+            f"/tmp/wheels/{name}-1.0-py3-none-any.whl", pure_wheel(name, "1.0", f"VALUE = {value}\n")
+        )
     await codebox.install_package("/tmp/wheels/tinypkg-1.0-py3-none-any.whl")
     await codebox.install_packages(["/tmp/wheels/otherpkg-1.0-py3-none-any.whl"])
     await codebox.install_packages("/tmp/wheels/thirdpkg-1.0-py3-none-any.whl")

@@ -16,7 +16,7 @@ import pytest
 
 import boxlite
 from boxlite.sync import SyncBox, SyncBoxlite, SyncCodeBox, SyncSimpleBox
-from python_image import python_layout
+from testkit.images import python_layout
 
 
 @pytest.fixture

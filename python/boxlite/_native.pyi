@@ -14,6 +14,11 @@ __all__ = [
     "ImageRegistry",
     "Options",
     "BoxOptions",
+    "OutboundNetworkSpec",
+    "InboundNetworkSpec",
+    "NetworkSpec",
+    "PublishedPort",
+    "NetworkInfo",
     "CopyOptions",
     "BoxState",
     "BoxInfo",
@@ -105,8 +110,9 @@ class BoxOptions:
         working_dir: str | None = None,
         env: _EnvArg = None,
         volumes: Any = None,
-        network: Any = None,
-        ports: Any = None,
+        network: NetworkSpec | None = None,
+        ports: Iterable[tuple[int, int] | tuple[int, int, str] | tuple[int, int, str, str] | dict[str, Any]]
+        | None = None,
         auto_remove: bool | None = None,
         auto_stop: Any = None,
         auto_delete: int | None = None,
@@ -180,6 +186,56 @@ class BoxOptions:
     def auto_stop(self) -> Any: ...
 
 @final
+class OutboundNetworkSpec:
+    def __new__(cls, mode: str = ..., allow_net: list[str] = ...) -> OutboundNetworkSpec: ...
+    mode: str
+    allow_net: list[str]
+
+@final
+class InboundNetworkSpec:
+    def __new__(cls, mode: str = ..., allow_net: list[str] = ...) -> InboundNetworkSpec: ...
+    mode: str
+    allow_net: list[str]
+
+@final
+class NetworkSpec:
+    def __new__(
+        cls,
+        outbound: OutboundNetworkSpec | str | None = None,
+        inbound: InboundNetworkSpec | None = None,
+        mode: str | None = None,
+        allow_net: list[str] | None = None,
+    ) -> NetworkSpec: ...
+    @property
+    def outbound(self) -> OutboundNetworkSpec | None: ...
+    @property
+    def inbound(self) -> InboundNetworkSpec | None: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def allow_net(self) -> list[str]: ...
+
+@final
+class PublishedPort:
+    @property
+    def host_ip(self) -> str: ...
+    @property
+    def host_port(self) -> int: ...
+    @property
+    def guest_port(self) -> int: ...
+    @property
+    def protocol(self) -> str: ...
+
+@final
+class NetworkInfo:
+    @property
+    def mode(self) -> str: ...
+    @property
+    def allow_net(self) -> list[str]: ...
+    @property
+    def published_ports(self) -> list[PublishedPort]: ...
+
+@final
 class CopyOptions:
     def __new__(cls, recursive: bool = True, overwrite: bool = True, follow_symlinks: bool = False) -> CopyOptions: ...
     recursive: bool
@@ -231,6 +287,8 @@ class BoxInfo:
     def auto_remove(self) -> bool: ...
     @property
     def auto_delete(self) -> int: ...
+    @property
+    def network(self) -> NetworkInfo: ...
     def __await__(self) -> Generator[Any, None, BoxInfo]: ...
 
 @final

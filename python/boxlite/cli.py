@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from . import __version__, accelerator
-from ._native import BoxInfo, BoxOptions, ImageInfo, Options, PullProgress
+from ._native import BoxInfo, BoxOptions, ImageInfo, NetworkSpec, Options, PullProgress
 from ._runtime import Box, Boxlite, ExecStdin, Execution
 from .errors import BoxliteError, BoxNotFoundError, ExecStartError, InvalidArgumentError, InvalidStateError
 
@@ -104,6 +104,21 @@ def parse_env(items: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_publish(items: Sequence[str]) -> list[tuple[int, int, str, str]]:
+    """Docker's ``-p [IP:]HOST:GUEST[/PROTO]``; the core checks the numbers."""
+    ports = []
+    for item in items:
+        spec, _, protocol = item.partition("/")
+        parts = spec.rsplit(":", 2)
+        if len(parts) == 2:
+            parts.insert(0, "127.0.0.1")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+            raise CliError(f"invalid -p {item!r}: expected [IP:]HOST_PORT:GUEST_PORT[/tcp]")
+        host_ip, host_port, guest_port = parts
+        ports.append((int(host_port), int(guest_port), protocol or "tcp", host_ip.strip("[]")))
+    return ports
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -168,10 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rm", action="store_true", help="delete the box when the command ends")
     run.add_argument("--name", help="a unique name for the box")
     run.add_argument("--cpus", type=int, help="virtual CPUs (default 1)")
-    run.add_argument("-m", "--memory", metavar="SIZE", help="memory, e.g. 512MiB or 1GiB (default 512MiB)")
+    run.add_argument("-m", "--memory", metavar="SIZE", help="memory, e.g. 512MiB or 2GiB (default 1GiB)")
     run.add_argument("--disk", metavar="SIZE", help="disk size, e.g. 10GiB (default: the image's size)")
     run.add_argument("--entrypoint", metavar="CMD", help="override the image's ENTRYPOINT")
     run.add_argument("--rootfs", metavar="PATH", help="an OCI image layout directory to use instead of IMAGE")
+    run.add_argument(
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[IP:]HOST:GUEST[/tcp]",
+        help="publish a guest TCP port on the host (host IP default 127.0.0.1; HOST 0 picks a free port)",
+    )
+    run.add_argument("--network", choices=["default", "none"], default="default", help="none: no network at all")
+    run.add_argument(
+        "--allow-net",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="allow connections only to this host name, *.wildcard, IP or CIDR (repeatable; "
+        "host.boxlite.internal is the host's loopback)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="IMAGE [CMD...]", help="image and command")
 
     exe = command("exec", "run a command in a running box")
@@ -401,6 +433,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
         # processes; a `--rm` box lives only for this run.
         auto_remove=bool(args.rm),
         detach=not args.rm,
+        network=NetworkSpec(mode="disabled") if args.network == "none" else NetworkSpec(allow_net=args.allow_net),
+        ports=parse_publish(args.publish),
     )
     rt = open_runtime(args.home)
     box = await rt.create(options)
@@ -455,12 +489,15 @@ async def cmd_ps(args: argparse.Namespace) -> int:
         for info in infos:
             print(info.id)
         return 0
-    rows = [["BOX ID", "IMAGE", "STATUS", "CREATED", "ACCEL", "NAME"]]
+    rows = [["BOX ID", "IMAGE", "STATUS", "CREATED", "PORTS", "ACCEL", "NAME"]]
     for info in infos:
         status = info.status
         if info.started_at is not None and info.status == "running":
             status = f"running (up {human_ago(info.started_at).removesuffix(' ago')})"
-        rows.append([info.id, info.image, status, _created(info), info.accelerator, info.name or ""])
+        ports = ", ".join(
+            f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}" for p in info.network.published_ports
+        )
+        rows.append([info.id, info.image, status, _created(info), ports, info.accelerator, info.name or ""])
     table(rows, sys.stdout)
     return 0
 

@@ -134,6 +134,10 @@ class NetworkError(_NativeError):
     code = "network_unavailable"
 
 
+class PortInUseError(NetworkError):
+    """A published port's host address is taken; nothing was started."""
+
+
 class StorageError(_NativeError):
     """A disk image, the image cache or a box directory could not be prepared."""
 
@@ -228,6 +232,7 @@ __all__ = [
     "NotFoundError",
     "NotSupportedError",
     "ParseError",
+    "PortInUseError",
     "RegistryUnauthorizedError",
     "ResourceExhaustedError",
     "SessionReapedError",

@@ -186,7 +186,7 @@ class CodeBox(SimpleBox):
         flat: list[str] = []
         for item in names:
             flat.extend([item] if isinstance(item, str) else list(item))
-        result = await self.exec("python3", "-m", "pip", "install", "--quiet", *flat, timeout=timeout)
+        result = await self.exec("python3", "-m", "pip", "install", *flat, timeout=timeout)
         if result.exit_code != 0:
             raise ExecError(f"pip install {shlex.join(flat)}", result.exit_code, result.stderr, stdout=result.stdout)
         return result.stdout + result.stderr

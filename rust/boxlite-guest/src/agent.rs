@@ -221,6 +221,7 @@ impl Agent {
             return;
         }
         match msg {
+            Message::Configure(setup) => self.do_configure(ch, &setup),
             Message::Ping => self.reply(ch, Message::Pong),
             Message::Exec(req) => self.do_exec(ch, req),
             Message::CopyIn { path } => self.do_copy_in(ch, &path),
@@ -322,6 +323,14 @@ impl Agent {
 
     fn do_unpack_layer(self: &Arc<Self>, ch: u32) {
         self.start_tar(ch, "unpack-layer", "/");
+    }
+
+    fn do_configure(&self, ch: u32, setup: &boxlite_proto::GuestSetup) {
+        let root = self.root_error.is_none().then_some(Path::new(ROOT));
+        match crate::identity::apply(setup, root) {
+            Ok(()) => self.reply(ch, Message::Done),
+            Err(e) => self.error(ch, ErrorKind::Io, format!("configuring the box: {e}")),
+        }
     }
 
     fn do_metrics(&self, ch: u32) {

@@ -8,11 +8,11 @@
 mod agent;
 mod cmdline;
 mod exec;
+mod identity;
 mod log;
 mod metrics;
 mod modules;
 mod mounts;
-#[allow(dead_code)] // Wired in with networking (see boxlite-net).
 mod net;
 mod port;
 mod reaper;

@@ -11,13 +11,13 @@
 //! reader of one exec therefore never stalls the others sharing the connection.
 
 mod frame;
-mod message;
+pub mod message;
 pub mod net;
 
 pub use frame::{Body, Frame, FrameError, FrameHeader, StreamId, HEADER_LEN, MAX_PAYLOAD};
 pub use message::{
-    ErrorKind, ExecRequest, ExitStatus, GuestMetrics, Message, TtySize, GUEST_PORT_NAME,
-    PROTOCOL_VERSION,
+    ErrorKind, ExecRequest, ExitStatus, GuestMetrics, GuestSetup, Message, NetworkStats, TtySize,
+    GUEST_PORT_NAME, PROTOCOL_VERSION,
 };
 pub use net::GuestNetwork;
 

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change; the host refuses a guest that reports another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The name of the virtio-serial port the agent serves on (`/sys/class/virtio-ports/*/name`).
 pub const GUEST_PORT_NAME: &str = "boxlite.agent";
@@ -25,6 +25,8 @@ pub enum Message {
         root_error: Option<String>,
     },
 
+    /// Host, once, before any other request: who the box is. Reply: `Done`.
+    Configure(GuestSetup),
     /// Host: are you alive? Reply: `Pong`.
     Ping,
     /// Host: start a process. Events: `Started`, then stdout/stderr data, then `Exited`.
@@ -45,6 +47,12 @@ pub enum Message {
     /// Host: sync and unmount the disks, reply `Done`, then power the VM off.
     Shutdown,
 
+    /// Host to its box's supervisor (never reaches the guest): the network counters.
+    /// Reply: `NetworkReport`.
+    NetworkMetrics,
+    /// Supervisor: reply to `NetworkMetrics`.
+    NetworkReport(NetworkStats),
+
     /// Guest: reply to `Ping`.
     Pong,
     /// Guest: the process of an `Exec` is running.
@@ -57,6 +65,33 @@ pub enum Message {
     MetricsReport(GuestMetrics),
     /// Guest: the request failed.
     Error { kind: ErrorKind, message: String },
+}
+
+/// What a box is, told to its agent right after boot (and again after a restore from a
+/// memory image): nothing the guest learned before this may identify the box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSetup {
+    /// The box's hostname (its name, else its id).
+    pub hostname: String,
+    /// The network to configure; `None` when the box has none.
+    pub network: Option<crate::net::GuestNetwork>,
+    /// The host's wall clock, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Fresh randomness for the guest's entropy pool (mixed in, then the CRNG reseeded).
+    pub entropy: Vec<u8>,
+}
+
+/// A box's network counters, kept by its supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetworkStats {
+    /// Payload bytes the box sent out.
+    pub bytes_sent: u64,
+    /// Payload bytes the box received.
+    pub bytes_received: u64,
+    /// TCP connections open now.
+    pub tcp_connections: u64,
+    /// TCP connections refused, reset or timed out (policy refusals included).
+    pub tcp_errors: u64,
 }
 
 /// What the host asks the guest to run.

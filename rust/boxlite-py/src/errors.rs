@@ -4,7 +4,8 @@
 //! `ValueError`, `TimeoutError`, ...); this module picks the class for each failure.
 
 use boxlite::{
-    BoxliteError, EngineError, ExecError, GuestError, ImageError, StateError, StorageError,
+    BoxliteError, EngineError, ExecError, GuestError, ImageError, NetworkError, StateError,
+    StorageError,
 };
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -44,6 +45,10 @@ pub fn class_name(error: &BoxliteError) -> &'static str {
             StorageError::Tool { .. }
             | StorageError::Guest { .. }
             | StorageError::Damaged { .. } => "StorageError",
+        },
+        BoxliteError::Network(e) => match e {
+            NetworkError::PortInUse { .. } => "PortInUseError",
+            NetworkError::Setup { .. } => "NetworkError",
         },
         BoxliteError::State(e) => match e {
             StateError::Sqlite { .. }
@@ -179,6 +184,15 @@ pub fn examples() -> Vec<BoxliteError> {
         StateError::NewerSchema {
             found: 9,
             supported: 1,
+        }
+        .into(),
+        NetworkError::PortInUse {
+            addr: "127.0.0.1:8080".into(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        }
+        .into(),
+        NetworkError::Setup {
+            reason: "eth0 did not appear".into(),
         }
         .into(),
     ]

@@ -80,6 +80,7 @@ pub struct BoxInfo {
     pub auto_remove: bool,
     /// `1` when the box is deleted at stop, else `0` (the published package's field).
     pub auto_delete: u64,
+    pub network: Py<crate::network::NetworkInfo>,
 }
 
 impl BoxInfo {
@@ -108,6 +109,10 @@ impl BoxInfo {
             detach: info.detach,
             auto_remove: info.auto_remove,
             auto_delete: u64::from(info.auto_remove),
+            network: Py::new(
+                py,
+                crate::network::NetworkInfo::new(&info.network, &info.ports),
+            )?,
         })
     }
 }

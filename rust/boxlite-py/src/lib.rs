@@ -10,6 +10,7 @@ mod exec;
 mod images;
 mod info;
 mod metrics;
+mod network;
 mod options;
 mod runtime;
 
@@ -67,6 +68,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<options::ImageRegistry>()?;
     m.add_class::<options::BoxOptions>()?;
     m.add_class::<options::CopyOptions>()?;
+    m.add_class::<network::NetworkSpec>()?;
+    m.add_class::<network::OutboundNetworkSpec>()?;
+    m.add_class::<network::InboundNetworkSpec>()?;
+    m.add_class::<network::NetworkInfo>()?;
+    m.add_class::<network::PublishedPort>()?;
     m.add_class::<info::BoxInfo>()?;
     m.add_class::<info::BoxState>()?;
     m.add_class::<info::ImageInfo>()?;

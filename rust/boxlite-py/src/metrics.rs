@@ -121,14 +121,15 @@ impl BoxMetrics {
         self.run_errors_total
     }
     fn __repr__(&self) -> String {
+        let opt = |v: Option<u128>| v.map_or("None".into(), |v| v.to_string());
         format!(
-            "BoxMetrics(commands_run_total={}, run_errors_total={}, bytes_sent_total={}, bytes_received_total={}, total_create_duration_ms={:?}, guest_boot_duration_ms={:?})",
+            "BoxMetrics(commands_run_total={}, run_errors_total={}, bytes_sent_total={}, bytes_received_total={}, total_create_duration_ms={}, guest_boot_duration_ms={})",
             self.commands_run_total,
             self.run_errors_total,
             self.bytes_sent_total,
             self.bytes_received_total,
-            self.total_create_duration_ms,
-            self.guest_boot_duration_ms
+            opt(self.total_create_duration_ms),
+            opt(self.guest_boot_duration_ms)
         )
     }
 }

@@ -335,6 +335,9 @@ impl BoxOptions {
             entrypoint: argv("entrypoint", entrypoint)?,
             cmd: argv("cmd", cmd)?,
             tty: tty.unwrap_or(defaults.tty),
+            // Converted from their Python forms when the options are used (`to_core`).
+            network: defaults.network.clone(),
+            ports: Vec::new(),
             // The published rule: `auto_delete` wins over `auto_remove`; 0 keeps the box.
             auto_remove: match (auto_delete, auto_remove) {
                 (Some(seconds), _) => seconds > 0,
@@ -563,8 +566,6 @@ impl BoxOptions {
     pub fn to_core(&self, py: Python<'_>) -> PyResult<boxlite::BoxOptions> {
         let unsupported = [
             ("volumes", &self.volumes),
-            ("ports", &self.ports),
-            ("network", &self.network),
             ("secrets", &self.secrets),
             ("advanced", &self.advanced),
         ];
@@ -584,8 +585,33 @@ impl BoxOptions {
                 "auto_stop is only supported by remote runtimes".into(),
             )));
         }
-        self.inner.validate().py()?;
-        Ok(self.inner.clone())
+        let mut core = self.inner.clone();
+        if let Some(network) = self
+            .network
+            .as_ref()
+            .map(|n| n.bind(py))
+            .filter(|n| !n.is_none())
+        {
+            let spec = network
+                .extract::<crate::network::NetworkSpec>()
+                .map_err(|_| {
+                    invalid("network", format!("expected a NetworkSpec, got {network}"))
+                })?;
+            core.network = spec.to_core()?;
+        }
+        if let Some(ports) = self
+            .ports
+            .as_ref()
+            .map(|p| p.bind(py))
+            .filter(|p| !p.is_none())
+        {
+            core.ports = ports
+                .try_iter()?
+                .map(|entry| crate::network::port_spec(&entry?))
+                .collect::<PyResult<Vec<_>>>()?;
+        }
+        core.validate().py()?;
+        Ok(core)
     }
 
     /// Options for a box created under `name` (given to `create` beside the options).

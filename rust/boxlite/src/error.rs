@@ -62,6 +62,9 @@ pub enum BoxliteError {
     #[error(transparent)]
     State(#[from] StateError),
 
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+
     /// A bug in boxlite; please report it.
     #[error("internal error: {0}")]
     Internal(String),
@@ -181,6 +184,22 @@ pub enum StateError {
     NewerSchema { found: i64, supported: i64 },
 }
 
+/// A box's network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A published port's host address is taken; nothing was started.
+    #[error("cannot publish on {addr}: {source}; choose another host port (or 0 for a free one) or stop what uses it")]
+    PortInUse {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The network could not be set up.
+    #[error("the box's network could not be set up: {reason}")]
+    Setup { reason: String },
+}
+
 /// The result type of the public API.
 pub type BoxliteResult<T> = Result<T, BoxliteError>;
 
@@ -269,6 +288,8 @@ impl BoxliteError {
             Self::Exec(ExecError::Timeout { .. }) => "exec_timeout",
             Self::Storage(_) => "storage",
             Self::State(_) => "database",
+            Self::Network(NetworkError::PortInUse { .. }) => "port_in_use",
+            Self::Network(NetworkError::Setup { .. }) => "network",
         }
     }
 }

@@ -38,14 +38,17 @@ pub mod vmm;
 pub use boxlite_proto::TtySize;
 pub use copy::{CopyOptions, READ_FILE_LIMIT};
 pub use error::{
-    BoxliteError, BoxliteResult, EngineError, ExecError, GuestError, ImageError, StateError,
-    StorageError,
+    BoxliteError, BoxliteResult, EngineError, ExecError, GuestError, ImageError, NetworkError,
+    StateError, StorageError,
 };
 pub use exec::{BoxCommand, ExecResult, ExecStdin, Execution, OutputStream};
 pub use ids::{BoxID, ContainerID};
 pub use litebox::{BoxInfo, BoxStatus, LiteBox};
 pub use metrics::{BoxMetrics, RuntimeMetrics};
-pub use options::{default_home, BoxOptions, BoxliteOptions};
+pub use options::{
+    default_home, BoxOptions, BoxliteOptions, NetworkOptions, PortProtocol, PortSpec,
+    DEFAULT_PORT_HOST_IP,
+};
 pub use runtime::BoxliteRuntime;
 pub use units::{rfc3339, Bytes, Seconds};
 pub use vmm::{Accel, AccelChoice};

@@ -95,6 +95,12 @@ pub struct BoxOptions {
     /// The default command runs under a terminal.
     #[serde(default)]
     pub tty: bool,
+    /// Outbound network access (enabled, to the whole internet, by default).
+    #[serde(default)]
+    pub network: NetworkOptions,
+    /// Guest TCP ports published on the host.
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
     /// Remove the box (disk and record) when it stops.
     pub auto_remove: bool,
     /// Keep the VM running after the creating process exits; any process with the same
@@ -118,10 +124,161 @@ impl Default for BoxOptions {
             entrypoint: None,
             cmd: None,
             tty: false,
+            network: NetworkOptions::default(),
+            ports: Vec::new(),
             auto_remove: true,
             detach: false,
         }
     }
+}
+
+/// A box's network: off (the guest has no interface at all), or on with an allow-list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkOptions {
+    pub enabled: bool,
+    /// Where the box may connect: host names, `*.wildcard` names, IPs and CIDRs; empty means
+    /// the public internet. The host's own loopback is reachable only as
+    /// `host.boxlite.internal`, and only when listed.
+    #[serde(default)]
+    pub allow_net: Vec<String>,
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow_net: Vec::new(),
+        }
+    }
+}
+
+impl NetworkOptions {
+    /// From the published API's words: `mode` "enabled" or "disabled".
+    pub fn from_mode(mode: &str, allow_net: Vec<String>) -> BoxliteResult<Self> {
+        let enabled = match mode {
+            "enabled" => true,
+            "disabled" => false,
+            other => {
+                return Err(BoxliteError::invalid(
+                    "network",
+                    format!("invalid network mode {other:?}: expected \"enabled\" or \"disabled\""),
+                ))
+            }
+        };
+        Ok(Self { enabled, allow_net })
+    }
+
+    pub fn mode(&self) -> &'static str {
+        if self.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        }
+    }
+
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            allow_net: Vec::new(),
+        }
+    }
+}
+
+/// The transport of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+}
+
+impl PortProtocol {
+    pub fn parse(text: &str) -> BoxliteResult<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            other => Err(BoxliteError::invalid(
+                "ports",
+                format!(
+                    "protocol {other:?} must be \"tcp\" (or \"udp\", which is not supported yet)"
+                ),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// A guest port published on the host: connections to `host_ip:host_port` reach
+/// `guest_port` in the box. `host_port` 0 takes a free port (see the box's info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub host_ip: std::net::IpAddr,
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub protocol: PortProtocol,
+}
+
+impl PortSpec {
+    /// `host_port` -> `guest_port` over TCP on the host's loopback (`127.0.0.1`).
+    pub fn tcp(host_port: u16, guest_port: u16) -> Self {
+        Self {
+            host_ip: DEFAULT_PORT_HOST_IP,
+            host_port,
+            guest_port,
+            protocol: PortProtocol::Tcp,
+        }
+    }
+}
+
+/// Published ports listen on the host's loopback unless told otherwise.
+pub const DEFAULT_PORT_HOST_IP: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+fn validate_network(network: &NetworkOptions, ports: &[PortSpec]) -> BoxliteResult<()> {
+    if !network.enabled && !network.allow_net.is_empty() {
+        return Err(BoxliteError::invalid(
+            "network",
+            "allow_net is given but the network is disabled; enable it or drop allow_net",
+        ));
+    }
+    for entry in &network.allow_net {
+        entry
+            .parse::<boxlite_net::AllowEntry>()
+            .map_err(|e| BoxliteError::invalid("allow_net", e.to_string()))?;
+    }
+    if !network.enabled && !ports.is_empty() {
+        return Err(BoxliteError::invalid(
+            "ports",
+            "published ports need the network: enable it or drop the ports",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for port in ports {
+        if port.protocol == PortProtocol::Udp {
+            return Err(BoxliteError::Unsupported(
+                "UDP port publishing (publish TCP ports)".into(),
+            ));
+        }
+        if port.guest_port == 0 {
+            return Err(BoxliteError::invalid(
+                "ports",
+                "a guest port must be 1 to 65535",
+            ));
+        }
+        if port.host_port != 0 && !seen.insert((port.host_ip, port.host_port)) {
+            return Err(BoxliteError::invalid(
+                "ports",
+                format!("{}:{} is published twice", port.host_ip, port.host_port),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The smallest guest that boots the agent with room for a command.
@@ -194,6 +351,7 @@ impl BoxOptions {
                 ));
             }
         }
+        validate_network(&self.network, &self.ports)?;
         if self.detach && self.auto_remove {
             return Err(BoxliteError::invalid(
                 "detach",
@@ -400,6 +558,48 @@ mod tests {
                 },
                 "detach",
             ),
+            (
+                BoxOptions {
+                    network: NetworkOptions {
+                        enabled: true,
+                        allow_net: vec!["http://example.com".into()],
+                    },
+                    ..layout_box()
+                },
+                "allow_net",
+            ),
+            (
+                BoxOptions {
+                    network: NetworkOptions {
+                        enabled: false,
+                        allow_net: vec!["example.com".into()],
+                    },
+                    ..layout_box()
+                },
+                "network",
+            ),
+            (
+                BoxOptions {
+                    network: NetworkOptions::disabled(),
+                    ports: vec![PortSpec::tcp(8080, 80)],
+                    ..layout_box()
+                },
+                "ports",
+            ),
+            (
+                BoxOptions {
+                    ports: vec![PortSpec::tcp(8080, 80), PortSpec::tcp(8080, 81)],
+                    ..layout_box()
+                },
+                "ports",
+            ),
+            (
+                BoxOptions {
+                    ports: vec![PortSpec::tcp(8080, 0)],
+                    ..layout_box()
+                },
+                "ports",
+            ),
         ];
         for (options, field) in cases {
             let err = options.validate().unwrap_err();
@@ -408,6 +608,40 @@ mod tests {
                 other => panic!("{field}: unexpected {other}"),
             }
         }
+    }
+
+    #[test]
+    fn udp_ports_are_unsupported_and_good_networks_pass() {
+        let udp = BoxOptions {
+            ports: vec![PortSpec {
+                protocol: PortProtocol::Udp,
+                ..PortSpec::tcp(53, 53)
+            }],
+            ..layout_box()
+        };
+        assert_eq!(udp.validate().unwrap_err().kind(), "unsupported");
+        BoxOptions {
+            network: NetworkOptions {
+                enabled: true,
+                allow_net: vec![
+                    "pypi.org".into(),
+                    "*.github.com".into(),
+                    "10.0.0.0/8".into(),
+                    "1.2.3.4".into(),
+                    "host.boxlite.internal".into(),
+                ],
+            },
+            ports: vec![
+                PortSpec::tcp(0, 80),
+                PortSpec::tcp(0, 81),
+                PortSpec::tcp(8080, 8080),
+            ],
+            ..layout_box()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(PortProtocol::parse("TCP").unwrap(), PortProtocol::Tcp);
+        assert!(PortProtocol::parse("sctp").is_err());
     }
 
     #[test]

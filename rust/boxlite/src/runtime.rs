@@ -161,6 +161,7 @@ impl RuntimeShared {
             status,
             shim: None,
             engine_pid: None,
+            ports: Vec::new(),
             ..record
         })
     }
@@ -345,6 +346,7 @@ impl BoxliteRuntime {
             shim: None,
             engine_pid: None,
             creator: ProcessId::current(),
+            ports: Vec::new(),
             created_at_ms: now_ms(),
             started_at_ms: None,
             options,

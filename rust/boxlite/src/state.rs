@@ -51,6 +51,8 @@ pub(crate) struct BoxRecord {
     pub shim: Option<ProcessId>,
     /// The VM engine process, while it runs.
     pub engine_pid: Option<u32>,
+    /// The published ports as bound, while it runs.
+    pub ports: Vec<crate::options::PortSpec>,
     /// The process creating the box, until its creation is complete. A record whose creator
     /// died is a creation that never finished: it is rolled back.
     pub creator: Option<ProcessId>,
@@ -66,7 +68,7 @@ pub(crate) struct StateStore {
 
 /// The schema this build writes. Version 0 is the first release (no `user_version`, the
 /// default command kept in `<box>/command.json`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS boxes (
@@ -83,7 +85,8 @@ CREATE TABLE IF NOT EXISTS boxes (
     created_at_ms INTEGER NOT NULL,
     started_at_ms INTEGER,
     creator_pid   INTEGER,
-    creator_start INTEGER
+    creator_start INTEGER,
+    ports         TEXT
 );";
 
 /// The first release's file holding `entrypoint`, `cmd` and `tty` beside the record.
@@ -137,8 +140,14 @@ fn migrate(conn: &mut Connection, boxes_dir: &Path) -> rusqlite::Result<Vec<Path
     }
     if !has_boxes {
         tx.execute_batch(SCHEMA)?;
-    } else if version < 1 {
-        leftovers = migrate_v0_to_v1(&tx, boxes_dir)?;
+    } else {
+        if version < 1 {
+            leftovers = migrate_v0_to_v1(&tx, boxes_dir)?;
+        }
+        if version < 2 {
+            // v1 -> v2: the published ports of a running box (as bound).
+            tx.execute_batch("ALTER TABLE boxes ADD COLUMN ports TEXT;")?;
+        }
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
@@ -334,7 +343,7 @@ impl StateStore {
                 Event::EngineGone | Event::BootFailed => {
                     tx.execute(
                         "UPDATE boxes SET status = ?2, shim_pid = NULL, shim_start = NULL,
-                                engine_pid = NULL
+                                engine_pid = NULL, ports = NULL
                          WHERE id = ?1",
                         params![id.to_string(), to.as_str()],
                     )?;
@@ -358,6 +367,18 @@ impl StateStore {
             c.execute(
                 "UPDATE boxes SET shim_pid = ?2, shim_start = ?3, engine_pid = ?4 WHERE id = ?1",
                 params![id.to_string(), shim.pid, shim.start_time as i64, engine],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Records the published ports of a box that just started.
+    pub fn set_ports(&self, id: &BoxID, ports: &[crate::options::PortSpec]) -> BoxliteResult<()> {
+        let ports = json(&ports)?;
+        self.with("recording a box's ports", |c| {
+            c.execute(
+                "UPDATE boxes SET ports = ?2 WHERE id = ?1",
+                params![id.to_string(), ports],
             )
         })?;
         Ok(())
@@ -436,7 +457,7 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 const COLUMNS: &str = "id, name, options, image, image_config, base_disk, status, shim_pid, \
-     shim_start, engine_pid, created_at_ms, started_at_ms, creator_pid, creator_start";
+     shim_start, engine_pid, created_at_ms, started_at_ms, creator_pid, creator_start, ports";
 
 struct RawRecord {
     id: String,
@@ -453,6 +474,7 @@ struct RawRecord {
     started_at_ms: Option<i64>,
     creator_pid: Option<i64>,
     creator_start: Option<i64>,
+    ports: Option<String>,
 }
 
 fn row_to_raw(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
@@ -471,6 +493,7 @@ fn row_to_raw(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
         started_at_ms: row.get(11)?,
         creator_pid: row.get(12)?,
         creator_start: row.get(13)?,
+        ports: row.get(14)?,
     })
 }
 
@@ -508,6 +531,12 @@ impl RawRecord {
             shim: process(self.shim_pid, self.shim_start),
             engine_pid: self.engine_pid.map(|p| p as u32),
             creator: process(self.creator_pid, self.creator_start),
+            ports: match &self.ports {
+                Some(text) => {
+                    serde_json::from_str(text).map_err(|e| corrupt("ports", e.to_string()))?
+                }
+                None => Vec::new(),
+            },
             created_at_ms: self.created_at_ms,
             started_at_ms: self.started_at_ms,
         })
@@ -533,6 +562,7 @@ mod tests {
             shim: None,
             engine_pid: None,
             creator: ProcessId::current(),
+            ports: Vec::new(),
             created_at_ms: now_ms(),
             started_at_ms: None,
         }

@@ -120,6 +120,7 @@ impl BaseDiskStore {
             agent_socket: socket_path(self.root.join("ingest").join(format!("{id}.sock")), &id)?,
             console_log,
             accel: env.accel,
+            network: None,
         };
         let vm = launch(env.engine.as_ref(), &config, env.boot_timeout).await?;
         let applied = apply_layers(&vm, layout, image).await;

@@ -10,10 +10,11 @@ use boxlite_proto::Message;
 use super::connection::{kill_gone, wait_gone};
 use super::{BoxStatus, Connection, Event, LiteBox};
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
-use crate::shim::{self, ShimConfig};
+use crate::options::PortSpec;
+use crate::shim::{self, ShimConfig, ShimNetwork};
 use crate::state::ProcessId;
 use crate::vm::socket_path;
-use crate::vmm::{DiskAttachment, DiskFormat, VmConfig};
+use crate::vmm::{DiskAttachment, DiskFormat, NetDevice, VmConfig};
 
 impl LiteBox {
     /// Boots the box's VM from its disk (state kept from earlier runs). `InvalidState` if it
@@ -31,7 +32,7 @@ impl LiteBox {
             self.boot().await
         };
         match booted {
-            Ok((conn, engine_pid)) => {
+            Ok((conn, engine_pid, ports)) => {
                 if store
                     .apply(&self.inner.id, Event::Booted, Some((conn.shim, engine_pid)))?
                     .is_none()
@@ -44,6 +45,7 @@ impl LiteBox {
                         "the box's status changed while it booted".into(),
                     ));
                 }
+                store.set_ports(&self.inner.id, &ports)?;
                 self.inner.counted.store(true, Ordering::Relaxed);
                 self.inner.runtime.metrics.box_started();
                 self.adopt(conn);
@@ -56,7 +58,7 @@ impl LiteBox {
         }
     }
 
-    async fn boot(&self) -> BoxliteResult<(Arc<Connection>, u32)> {
+    async fn boot(&self) -> BoxliteResult<(Arc<Connection>, u32, Vec<PortSpec>)> {
         let started = Instant::now();
         let runtime = &self.inner.runtime;
         let env = runtime.vm_env().await?;
@@ -77,6 +79,17 @@ impl LiteBox {
             agent_socket: socket_path(self.inner.dir.join("agent.sock"), &format!("{id}-agent"))?,
             console_log: self.inner.dir.join("console.log"),
             accel: env.accel,
+            network: options
+                .network
+                .enabled
+                .then(|| {
+                    let mac = boxlite_net::guest_mac(&id);
+                    Ok::<_, BoxliteError>(NetDevice {
+                        socket: socket_path(self.inner.dir.join("net.sock"), &format!("{id}-net"))?,
+                        mac: mac_text(mac),
+                    })
+                })
+                .transpose()?,
         };
         let client_socket = runtime.shim_socket(&self.inner.id)?;
         let config = ShimConfig {
@@ -84,6 +97,12 @@ impl LiteBox {
             vm,
             boot_timeout: env.boot_timeout,
             client_socket: client_socket.clone(),
+            hostname: self.inner.name.clone().unwrap_or_else(|| id.to_lowercase()),
+            network: options.network.enabled.then(|| ShimNetwork {
+                mac: boxlite_net::guest_mac(&id),
+                allow_net: options.network.allow_net.clone(),
+                ports: options.ports.clone(),
+            }),
         };
         let box_config_ms = started.elapsed().as_millis();
         let detach = options.detach;
@@ -109,7 +128,7 @@ impl LiteBox {
             owned: (!detach).then_some(handle.child),
             shim: handle.process,
         });
-        Ok((conn, handle.engine_pid))
+        Ok((conn, handle.engine_pid, handle.ports))
     }
 
     /// Syncs and powers the guest off (killing it after the stop timeout); a no-op for a box
@@ -198,4 +217,11 @@ impl LiteBox {
     pub fn is_running(&self) -> bool {
         self.status() == BoxStatus::Running
     }
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

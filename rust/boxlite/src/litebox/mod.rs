@@ -52,6 +52,11 @@ pub struct BoxInfo {
     pub accel: Accel,
     /// Whether a hardware hypervisor isolates this box (TCG does not count).
     pub hardware_isolated: bool,
+    /// The box's network options.
+    pub network: crate::options::NetworkOptions,
+    /// The published ports as bound, while the box runs (a requested port 0 shows the one
+    /// chosen).
+    pub ports: Vec<crate::options::PortSpec>,
 }
 
 /// A box. Clones share it.
@@ -195,6 +200,8 @@ impl LiteBox {
             auto_remove: record.options.auto_remove,
             accel,
             hardware_isolated: accel.is_hardware_isolated(),
+            network: record.options.network.clone(),
+            ports: if running { record.ports } else { Vec::new() },
         })
     }
 
@@ -215,6 +222,8 @@ impl LiteBox {
             auto_remove: self.inner.options.auto_remove,
             accel: self.inner.runtime.accel(),
             hardware_isolated: self.inner.runtime.accel().is_hardware_isolated(),
+            network: self.inner.options.network.clone(),
+            ports: Vec::new(),
         })
     }
 
@@ -228,6 +237,12 @@ impl LiteBox {
                 metrics.memory_bytes = Some(report.memory_used_bytes);
                 metrics.disk_bytes_used = Some(report.disk_used_bytes);
                 metrics.disk_bytes_total = Some(report.disk_total_bytes);
+            }
+            if let Ok(Message::NetworkReport(net)) = client.request(Message::NetworkMetrics).await {
+                metrics.network_bytes_sent = Some(net.bytes_sent);
+                metrics.network_bytes_received = Some(net.bytes_received);
+                metrics.network_tcp_connections = Some(net.tcp_connections);
+                metrics.network_tcp_errors = Some(net.tcp_errors);
             }
         }
         Ok(metrics)

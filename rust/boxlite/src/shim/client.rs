@@ -22,6 +22,8 @@ pub(crate) struct ShimHandle {
     pub engine_pid: u32,
     pub spawn_ms: u128,
     pub boot_ms: u128,
+    /// The published ports as bound.
+    pub ports: Vec<crate::options::PortSpec>,
 }
 
 /// Bytes of the shim's own log kept on disk.
@@ -80,6 +82,7 @@ pub(crate) async fn spawn(
             engine_pid,
             spawn_ms,
             boot_ms,
+            ports,
         } => {
             let process = ProcessId::of(child.pid()).ok_or_else(|| {
                 BoxliteError::Internal("the box supervisor vanished right after booting".into())
@@ -90,6 +93,7 @@ pub(crate) async fn spawn(
                 engine_pid,
                 spawn_ms: spawn_ms.into(),
                 boot_ms: boot_ms.into(),
+                ports,
             })
         }
         ShimStatus::Failed { error } => {

@@ -7,15 +7,17 @@
 //! still runs between the guest and each real consumer.
 
 mod client;
+mod network;
 mod server;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{BoxliteError, EngineError, GuestError, StorageError};
+use crate::error::{BoxliteError, EngineError, GuestError, NetworkError, StorageError};
 use crate::units::Seconds;
 use crate::vmm::VmConfig;
 
 pub(crate) use client::{connect, locate_shim, spawn};
+
 pub use server::main;
 
 /// What the shim is told to run (`<box dir>/shim.json`).
@@ -26,6 +28,19 @@ pub(crate) struct ShimConfig {
     pub boot_timeout: Seconds,
     /// Where clients connect.
     pub client_socket: std::path::PathBuf,
+    /// The box's hostname (its name, else its id).
+    pub hostname: String,
+    /// The box's network, served by the shim on `vm.network`'s socket.
+    pub network: Option<ShimNetwork>,
+}
+
+/// The policy and ports of a box's network (see `boxlite-net`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ShimNetwork {
+    pub mac: [u8; 6],
+    /// Validated `allow_net` entries.
+    pub allow_net: Vec<String>,
+    pub ports: Vec<crate::options::PortSpec>,
 }
 
 /// The one line the shim prints on stdout once the guest is ready, or booting failed.
@@ -36,6 +51,9 @@ pub(crate) enum ShimStatus {
         engine_pid: u32,
         spawn_ms: u64,
         boot_ms: u64,
+        /// The published ports as bound (a requested port 0 shows the one chosen).
+        #[serde(default)]
+        ports: Vec<crate::options::PortSpec>,
     },
     Failed {
         error: ErrorReport,
@@ -75,6 +93,16 @@ pub(crate) enum ErrorReport {
     InvalidArgument {
         field: String,
         reason: String,
+    },
+    PortInUse {
+        addr: String,
+        reason: String,
+    },
+    NetworkSetup {
+        reason: String,
+    },
+    Unsupported {
+        what: String,
     },
     /// Anything the supervisor has no business failing with: reported as a bug.
     Other {
@@ -126,6 +154,14 @@ impl From<&BoxliteError> for ErrorReport {
                 field: field.clone(),
                 reason: reason.clone(),
             },
+            BoxliteError::Network(NetworkError::PortInUse { addr, source }) => Self::PortInUse {
+                addr: addr.clone(),
+                reason: source.to_string(),
+            },
+            BoxliteError::Network(NetworkError::Setup { reason }) => Self::NetworkSetup {
+                reason: reason.clone(),
+            },
+            BoxliteError::Unsupported(what) => Self::Unsupported { what: what.clone() },
             other => Self::Other {
                 kind: other.kind().to_owned(),
                 message: other.to_string(),
@@ -167,6 +203,13 @@ impl From<ErrorReport> for BoxliteError {
             ErrorReport::InvalidArgument { field, reason } => {
                 BoxliteError::InvalidArgument { field, reason }
             }
+            ErrorReport::PortInUse { addr, reason } => NetworkError::PortInUse {
+                addr,
+                source: std::io::Error::new(std::io::ErrorKind::AddrInUse, reason),
+            }
+            .into(),
+            ErrorReport::NetworkSetup { reason } => NetworkError::Setup { reason }.into(),
+            ErrorReport::Unsupported { what } => BoxliteError::Unsupported(what),
             ErrorReport::Other { kind, message } => {
                 BoxliteError::Internal(format!("the box supervisor failed ({kind}): {message}"))
             }
@@ -190,7 +233,12 @@ mod tests {
             GuestError::Incompatible { guest: 1, host: 2 }.into(),
             BoxliteError::protocol("garbage"),
             BoxliteError::guest_storage("mounting", "bad superblock"),
-            BoxliteError::invalid("ports", "8080 is taken"),
+            BoxliteError::invalid("ports", "8080 is bad"),
+            NetworkError::PortInUse {
+                addr: "127.0.0.1:8080".into(),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            }
+            .into(),
         ];
         for error in errors {
             let json = serde_json::to_string(&ErrorReport::from(&error)).unwrap();

@@ -5,13 +5,17 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use boxlite_proto::{Body, Frame, Message, StreamId};
+use std::sync::Arc;
+
+use boxlite_net::NetCounters;
+use boxlite_proto::{Body, Frame, GuestSetup, Message, NetworkStats, StreamId};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
+use super::network::PreparedNetwork;
 use super::{ShimConfig, ShimStatus};
 use crate::agent::{read_frame, write_frames, AgentClient, ChannelEvent, ChannelHandle};
-use crate::error::{BoxliteError, BoxliteResult};
+use crate::error::{BoxliteError, BoxliteResult, GuestError, NetworkError};
 use crate::vm::launch;
 use crate::vmm::qemu::QemuEngine;
 
@@ -56,8 +60,31 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
     let config: ShimConfig = serde_json::from_str(&text)
         .map_err(|e| BoxliteError::Internal(format!("bad shim config: {e}")))?;
     let engine = QemuEngine::at(config.qemu.clone());
+    // Ports and the netdev socket first: a taken port fails before any VM exists.
+    let network = match (&config.network, &config.vm.network) {
+        (Some(network), Some(device)) => Some(PreparedNetwork::prepare(network, device)?),
+        _ => None,
+    };
     let vm = launch(&engine, &config.vm, config.boot_timeout).await?;
     let ready = vm.ready.clone();
+    let (counters, ports, guest_network) = match network {
+        Some(network) => {
+            let counters = network.counters.clone();
+            let ports = network.ports.clone();
+            let guest = network.guest();
+            tokio::spawn(async move {
+                if let Err(e) = network.serve().await {
+                    tracing::warn!(%e, "the box's network stopped");
+                }
+            });
+            (Some(counters), ports, Some(guest))
+        }
+        None => (None, Vec::new(), None),
+    };
+    if let Err(e) = configure(&vm.client, &config.hostname, guest_network).await {
+        vm.child.kill_and_wait().await;
+        return Err(e);
+    }
 
     let _ = std::fs::remove_file(&config.client_socket);
     let listener = UnixListener::bind(&config.client_socket).map_err(|e| {
@@ -70,6 +97,7 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
         engine_pid: vm.child.pid(),
         spawn_ms: vm.spawn_ms as u64,
         boot_ms: vm.boot_ms as u64,
+        ports,
     });
     // Nobody reads stdout any more; a closed pipe must not kill us later.
     silence_stdout();
@@ -79,7 +107,12 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_client(stream, agent.clone(), ready.clone()));
+                    tokio::spawn(serve_client(
+                        stream,
+                        agent.clone(),
+                        ready.clone(),
+                        counters.clone(),
+                    ));
                 }
                 Err(e) => tracing::warn!(%e, "accept failed"),
             }
@@ -93,6 +126,32 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
     Ok(())
 }
 
+/// Tells the agent who the box is: clock, fresh entropy, hostname, network.
+async fn configure(
+    agent: &AgentClient,
+    hostname: &str,
+    network: Option<boxlite_proto::net::GuestNetwork>,
+) -> BoxliteResult<()> {
+    let setup = GuestSetup {
+        hostname: hostname.to_owned(),
+        network,
+        time_ms: crate::state::now_ms().max(0) as u64,
+        entropy: crate::sys::random_bytes(64)
+            .map_err(|e| BoxliteError::io("reading host randomness", e))?,
+    };
+    match agent.request(Message::Configure(setup)).await {
+        Ok(Message::Done) => Ok(()),
+        // The agent refused (an interface that would not come up, ...).
+        Err(BoxliteError::Guest(GuestError::Protocol { reason })) => {
+            Err(NetworkError::Setup { reason }.into())
+        }
+        Err(e) => Err(e),
+        Ok(other) => Err(BoxliteError::protocol(format!(
+            "unexpected reply to Configure: {other:?}"
+        ))),
+    }
+}
+
 fn silence_stdout() {
     // SAFETY: plain open/dup2 on our own descriptors.
     unsafe {
@@ -104,8 +163,14 @@ fn silence_stdout() {
     }
 }
 
-/// Relays one client: its channel `c` maps to a guest channel opened for it.
-async fn serve_client(stream: UnixStream, agent: AgentClient, ready: Message) {
+/// Relays one client: its channel `c` maps to a guest channel opened for it. Requests meant
+/// for the supervisor itself (the network counters) are answered here.
+async fn serve_client(
+    stream: UnixStream,
+    agent: AgentClient,
+    ready: Message,
+    counters: Option<Arc<NetCounters>>,
+) {
     let (mut reader, writer) = stream.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Frame>();
     let writer_task = tokio::spawn(write_frames(writer, out_rx));
@@ -118,6 +183,25 @@ async fn serve_client(stream: UnixStream, agent: AgentClient, ready: Message) {
         };
         let c = frame.channel;
         match frame.body {
+            Body::Control(Message::NetworkMetrics) if !channels.contains_key(&c) => {
+                let stats = counters
+                    .as_ref()
+                    .map(|c| c.snapshot())
+                    .map(|s| NetworkStats {
+                        bytes_sent: s.bytes_sent,
+                        bytes_received: s.bytes_received,
+                        tcp_connections: s.tcp_connections,
+                        tcp_errors: s.tcp_errors,
+                    });
+                let reply = match stats {
+                    Some(stats) => Message::NetworkReport(stats),
+                    None => Message::Error {
+                        kind: boxlite_proto::ErrorKind::Unsupported,
+                        message: "the box has no network".into(),
+                    },
+                };
+                let _ = out_tx.send(Frame::control(c, reply));
+            }
             Body::Control(message) => match channels.get(&c) {
                 Some(relayed) => {
                     let _ = relayed.handle.send_message(message);

@@ -29,3 +29,11 @@ pub(crate) fn host_memory() -> Option<Bytes> {
 pub(crate) fn die_with_parent_in_child() -> std::io::Result<()> {
     platform::die_with_parent_in_child()
 }
+
+/// `n` bytes from the kernel's CSPRNG.
+pub(crate) fn random_bytes(n: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    Ok(out)
+}

@@ -30,6 +30,15 @@ pub struct DiskAttachment {
     pub volatile: bool,
 }
 
+/// A network interface whose frames go to a unix socket the host listens on (QEMU's `stream`
+/// netdev: each frame as a 4-byte big-endian length, then the frame).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetDevice {
+    pub socket: PathBuf,
+    /// `52:54:...` text form.
+    pub mac: String,
+}
+
 /// Everything an engine needs to start one VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -47,6 +56,9 @@ pub struct VmConfig {
     /// Where the guest console goes, bounded.
     pub console_log: PathBuf,
     pub accel: Accel,
+    /// The box's network interface; without one the guest has no `eth0`.
+    #[serde(default)]
+    pub network: Option<NetDevice>,
 }
 
 /// Bytes of guest console kept on disk per VM.

@@ -120,6 +120,16 @@ impl QemuEngine {
             .into(),
         );
 
+        if let Some(net) = &config.network {
+            let mut netdev = OsString::from("stream,id=net0,server=off,addr.type=unix,addr.path=");
+            netdev.push(escape_commas(net.socket.as_os_str()));
+            args.push("-netdev".into());
+            args.push(netdev);
+            args.push("-device".into());
+            // No option ROM: the guest boots from -kernel, never from the network.
+            args.push(format!("virtio-net-pci,netdev=net0,romfile=,mac={}", net.mac).into());
+        }
+
         for (index, disk) in config.disks.iter().enumerate() {
             let format = match disk.format {
                 DiskFormat::Raw => "raw",
@@ -223,6 +233,7 @@ mod tests {
             agent_socket: "/h/agent.sock".into(),
             console_log: "/h/console.log".into(),
             accel: Accel::Tcg,
+            network: None,
         }
     }
 
@@ -244,7 +255,33 @@ mod tests {
         assert!(joined.contains("socket,id=agent,path=/h/agent.sock"));
         assert!(joined.contains("name=boxlite.agent"));
         assert!(joined.contains("console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests noreplace-smp boxlite.root=/dev/vda"));
-        assert!(!joined.contains("netdev"), "no network device yet");
+        assert!(
+            !joined.contains("netdev"),
+            "no network device without a network"
+        );
         assert_eq!(args.iter().filter(|a| *a == "-device").count(), 3);
+    }
+
+    #[test]
+    fn a_network_is_a_stream_netdev_without_option_rom() {
+        let engine = QemuEngine {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        let mut config = config();
+        config.network = Some(crate::vmm::NetDevice {
+            socket: "/h/n,et.sock".into(),
+            mac: "52:54:00:12:34:56".into(),
+        });
+        let joined: Vec<String> = engine
+            .args(&config)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = joined.join(" ");
+        assert!(joined
+            .contains("-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/h/n,,et.sock"));
+        assert!(
+            joined.contains("-device virtio-net-pci,netdev=net0,romfile=,mac=52:54:00:12:34:56")
+        );
     }
 }

@@ -1,21 +1,18 @@
-"""Real registries for the image tests: Debian's ``docker-registry`` on a free 127.0.0.1 port,
-optionally behind htpasswd basic auth, filled with ``skopeo``; and a small HTTP proxy of our own
-in front of one, which counts blob downloads, can corrupt a blob, slow the transfer down, or
-demand a bearer token (the WWW-Authenticate challenge flow).
+"""Real registries for the image tests and benchmarks: Debian's ``docker-registry`` on a free
+127.0.0.1 port, optionally behind htpasswd basic auth, filled with ``skopeo``; and a small HTTP
+proxy of our own in front of one, which counts blob downloads, can corrupt a blob, slow the
+transfer down, or demand a bearer token (the WWW-Authenticate challenge flow).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
-import os
 import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,9 +20,7 @@ import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = REPO / "tests" / "images" / "build.py"
+from types import TracebackType
 
 
 def free_port() -> int:
@@ -42,22 +37,9 @@ def find_registry_binary() -> str:
     raise RuntimeError("docker-registry not found: install the docker-registry package")
 
 
-def build_test_images() -> Path:
-    """The directory of the built test layouts (built once per machine, then cached)."""
-    prebuilt = os.environ.get("BOXLITE_TEST_IMAGES")
-    if prebuilt and (Path(prebuilt) / "done").is_file():
-        return Path(prebuilt)
-    out = subprocess.run(
-        [sys.executable, str(BUILD_SCRIPT), str(REPO / "build" / "test-images")],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return Path(out.strip().splitlines()[-1])
-
-
 class Registry:
-    """A ``docker-registry`` process on 127.0.0.1, storing into ``root``."""
+    """A ``docker-registry`` process on 127.0.0.1, storing into ``root`` (its config and log
+    are there too). ``with Registry(root) as reg:`` starts it and stops it at the end."""
 
     def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
         self.root = root
@@ -96,14 +78,21 @@ class Registry:
         path.write_text(json.dumps(config))
         return path
 
+    def _spawn(self) -> bool:
+        with open(self.root / "registry.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [find_registry_binary(), "serve", str(self.root / "config.yml")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        return self._wait_ready()
+
     def start(self) -> Registry:
-        binary = find_registry_binary()
         for _attempt in range(5):
             self.port = free_port()
-            log = open(self.root / "registry.log", "ab")
-            self.process = subprocess.Popen([binary, "serve", str(self._config())], stdout=log, stderr=log)
-            log.close()
-            if self._wait_ready():
+            self._config()
+            if self._spawn():
                 return self
             self.stop()
         raise RuntimeError(f"docker-registry did not start; see {self.root / 'registry.log'}")
@@ -136,26 +125,31 @@ class Registry:
 
     def restart(self) -> None:
         """Starts again on the same port and storage (after `stop`)."""
-        binary = find_registry_binary()
-        log = open(self.root / "registry.log", "ab")
-        self.process = subprocess.Popen([binary, "serve", str(self.root / "config.yml")], stdout=log, stderr=log)
-        log.close()
-        if not self._wait_ready():
+        if not self._spawn():
             raise RuntimeError("docker-registry did not restart")
 
-    def push(self, layout: Path, tag: str, repository: str, dest_tag: str | None = None, all: bool = False) -> None:
-        """Copies ``layout:tag`` to ``repository:dest_tag`` here, digests preserved."""
+    def __enter__(self) -> Registry:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def push(self, layout: Path, tag: str, repository: str, dest_tag: str | None = None, all: bool = False) -> str:
+        """Copies ``layout:tag`` to ``repository:dest_tag`` here, digests preserved; returns the
+        reference it is at."""
+        ref = f"{self.host}/{repository}:{dest_tag or tag}"
         command = ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]
         if all:
             command.append("--all")
         if self.users:
             user, password = next(iter(self.users.items()))
             command += ["--dest-creds", f"{user}:{password}"]
-        command += [f"oci:{layout}:{tag}", f"docker://{self.host}/{repository}:{dest_tag or tag}"]
+        command += [f"oci:{layout}:{tag}", f"docker://{ref}"]
         subprocess.run(command, check=True, capture_output=True)
+        return ref
 
     def fill(self, images: Path) -> None:
-        """Pushes the standard test images under Docker Hub-style names."""
+        """Pushes the stand-ins of `testkit.images.build_all` under Docker Hub-style names."""
         self.push(images / "alpine", "latest", "library/alpine")
         self.push(images / "alpine", "latest", "library/alpine", dest_tag="3.20")
         self.push(images / "python", "slim", "library/python")
@@ -212,14 +206,24 @@ class Proxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
+    def _send(
+        self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes, step: int = 0
+    ) -> None:
+        """Sends the response; with `step`, the body in chunks of that size, `delay` apart."""
         handler.send_response(status)
         for key, value in headers.items():
             handler.send_header(key, value)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
-        if handler.command != "HEAD":
+        if handler.command == "HEAD":
+            return
+        if not step:
             handler.wfile.write(body)
+            return
+        for start in range(0, len(body), step):
+            handler.wfile.write(body[start : start + step])
+            handler.wfile.flush()
+            time.sleep(self.delay)
 
     def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         path = handler.path
@@ -242,6 +246,7 @@ class Proxy:
             for k, v in response.getheaders()
             if k.lower() in ("content-type", "docker-content-digest", "docker-distribution-api-version", "etag")
         }
+        step = 0
         if "/blobs/sha256:" in path and method == "GET":
             digest = path.rsplit("/", 1)[1]
             with self.lock:
@@ -250,20 +255,8 @@ class Proxy:
                 middle = len(body) // 2
                 body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
             if self.delay:
-                return self._send_slowly(handler, response.status, passed, body)
-        self._send(handler, response.status, passed, body)
-
-    def _send_slowly(self, handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes) -> None:
-        handler.send_response(status)
-        for key, value in headers.items():
-            handler.send_header(key, value)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        step = 64 * 1024
-        for start in range(0, len(body), step):
-            handler.wfile.write(body[start : start + step])
-            handler.wfile.flush()
-            time.sleep(self.delay)
+                step = 64 * 1024
+        self._send(handler, response.status, passed, body, step)
 
     def _token(self, handler: BaseHTTPRequestHandler) -> None:
         expected = "Basic " + base64.b64encode(":".join(self.bearer or ("", "")).encode()).decode()
@@ -275,28 +268,3 @@ class Proxy:
     def blob_downloads(self) -> dict[str, int]:
         with self.lock:
             return dict(self.blob_gets)
-
-
-def layout_blobs(layout: Path, tag: str) -> dict[str, int]:
-    """``{digest: size}`` of the config and layers of ``layout:tag`` (manifest picked by tag)."""
-    blobs = layout / "blobs" / "sha256"
-    index = json.loads((layout / "index.json").read_text())
-    desc = next(
-        m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
-    )
-    manifest = json.loads((blobs / desc["digest"].split(":")[1]).read_text())
-    out = {manifest["config"]["digest"]: manifest["config"]["size"]}
-    out.update({layer["digest"]: layer["size"] for layer in manifest["layers"]})
-    return out
-
-
-def manifest_digest(layout: Path, tag: str) -> str:
-    index = json.loads((layout / "index.json").read_text())
-    desc = next(
-        m for m in index["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
-    )
-    return str(desc["digest"])
-
-
-def file_digest(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
