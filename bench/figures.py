@@ -7,18 +7,23 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import engine
+import network
 from common import Figure, Ratio, ratio, read_text
 
 import boxlite
-import images
+from testkit.images import built_images
+from testkit.oci import layout_size, umoci_unpack
+from testkit.registry import Registry
 
 MIB = 1024 * 1024
 
@@ -39,6 +44,7 @@ class Ctx:
         self._homes = 0
         self.product_argv: list[str] | None = None
         self.results: dict[str, Figure] = {}
+        self.net_cache: dict[str, Any] | None = None  # the network guest's boots (net_runs)
 
     def runs(self, full: int, quick: int = 2) -> int:
         return quick if self.quick else full
@@ -458,11 +464,32 @@ async def boxlite_pull_seconds(registry: str, ref: str, home: Path) -> float:
     return time.perf_counter() - started
 
 
+def skopeo_pull_seconds(ref: str) -> float:
+    """`skopeo copy` of `ref` into a fresh OCI layout, timed."""
+    with tempfile.TemporaryDirectory(prefix="boxlite-bench-skopeo-") as tmp:
+        started = time.perf_counter()
+        subprocess.run(
+            ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{tmp}/layout:latest"],
+            check=True,
+            capture_output=True,
+        )
+        return time.perf_counter() - started
+
+
+def umoci_unpack_seconds(layout: Path, tag: str) -> float:
+    """`umoci unpack` of the layout into a fresh bundle, timed."""
+    with tempfile.TemporaryDirectory(prefix="boxlite-bench-umoci-") as tmp:
+        started = time.perf_counter()
+        umoci_unpack(layout, tag, Path(tmp) / "bundle")
+        return time.perf_counter() - started
+
+
 async def fig_images(ctx: Ctx) -> list[Figure]:
     pull = Figure("image_pull", "Pull of the python:slim stand-in from a local registry vs `skopeo copy`")
     unpack = Figure("image_unpack", "Unpack to a base disk (first create, cold home) vs `umoci unpack`")
-    layout = images.python_standin(ctx.image)
-    size = images.layout_size(layout)
+    # The tests' python:slim stand-in (testkit.images), tag slim.
+    layout = built_images() / "python"
+    size = layout_size(layout)
     for fig in (pull, unpack):
         fig.extra["image"] = str(layout)
         fig.extra["image_bytes"] = size
@@ -477,7 +504,7 @@ async def fig_images(ctx: Ctx) -> list[Figure]:
         await box.stop()
         if m.stage_guest_rootfs_ms is not None:
             rootfs_ms.append(float(m.stage_guest_rootfs_ms))
-        umoci_ms.append(images.umoci_unpack_seconds(layout) * 1000)
+        umoci_ms.append(umoci_unpack_seconds(layout, "slim") * 1000)
     unpack.add("boxlite_base_disk_build_ms", rootfs_ms, "ms")
     unpack.add("umoci_unpack_ms", umoci_ms, "ms")
     unpack.ratios.append(
@@ -494,14 +521,14 @@ async def fig_images(ctx: Ctx) -> list[Figure]:
     )
     # Pull: needs the image store (issue 6); otherwise recorded as not available.
     try:
-        with images.local_registry() as registry:
-            ref = f"{registry}/library/python:slim"
-            images.skopeo_push(layout, ref)
+        with tempfile.TemporaryDirectory(prefix="boxlite-bench-registry-") as tmp, Registry(Path(tmp)) as reg:
+            registry = reg.host
+            ref = reg.push(layout, "slim", "library/python")
             skopeo_ms: list[float] = []
             pulls_ms: list[float] = []
             pull_error: str | None = None
             for _ in range(n):
-                skopeo_ms.append(images.skopeo_pull_seconds(ref) * 1000)
+                skopeo_ms.append(skopeo_pull_seconds(ref) * 1000)
                 if pull_error is None:
                     try:
                         pulls_ms.append(await boxlite_pull_seconds(registry, ref, ctx.new_home("pull")) * 1000)
@@ -568,6 +595,162 @@ async def fig_stop_restart(ctx: Ctx) -> list[Figure]:
     return [fig]
 
 
+# 9 + 10: the network path alone: the same guest through slirp and through our stack --------
+
+
+NET_DOWNLOAD_MIB = 100
+NET_CONNECTS = 200
+
+
+def net_runs(ctx: Ctx) -> dict[str, Any]:
+    """Boots of the network guest (bench/network.py), slirp and our stack alternating (the
+    order flips every round), each downloading 100 MiB and making 200 connects. Measured once
+    per run of the suite; net_download and net_connect both read it."""
+    if ctx.net_cache is not None:
+        return ctx.net_cache
+    guest = network.build_guest()
+    stack_bin = network.build_stack()
+    rounds = ctx.runs(5, 1)
+    runs: dict[str, list[network.NetRun]] = {"slirp": [], "stack": []}
+    with network.HostServer(NET_DOWNLOAD_MIB * MIB) as server:
+        local = [network.local_rate_mib_s(server) for _ in range(3)]
+        for i in range(rounds):
+            for mode in ("slirp", "stack") if i % 2 == 0 else ("stack", "slirp"):
+                runs[mode].append(
+                    network.boot(
+                        mode,
+                        accel=ctx.accel,
+                        memory_mib=ctx.memory_mib,
+                        cpus=ctx.cpus,
+                        cpio=guest["net_cpio"],
+                        stack_bin=stack_bin,
+                        server=server,
+                        connects=NET_CONNECTS,
+                    )
+                )
+    argv = {
+        mode: network.net_argv(ctx.accel, ctx.memory_mib, ctx.cpus, guest["net_cpio"], mode, Path("NET_SOCKET"))
+        for mode in runs
+    }
+    ctx.net_cache = {"runs": runs, "local": local, "argv": argv, "stack_line": runs["stack"][-1].stack_line}
+    return ctx.net_cache
+
+
+async def fig_net_download(ctx: Ctx) -> list[Figure]:
+    title = f"Guest download of {NET_DOWNLOAD_MIB} MiB from a host loopback server: our stack vs slirp"
+    fig = Figure("net_download", title)
+    data = net_runs(ctx)
+    runs = data["runs"]
+    fig.add("stack_MiB_per_s", [r.rate_mib_s for r in runs["stack"]], "MiB/s")
+    fig.add("slirp_MiB_per_s", [r.rate_mib_s for r in runs["slirp"]], "MiB/s")
+    fig.add("stack_first_byte_ms", [r.first_byte_ms for r in runs["stack"]], "ms")
+    fig.add("slirp_first_byte_ms", [r.first_byte_ms for r in runs["slirp"]], "ms")
+    fig.add("host_server_local_MiB_per_s", data["local"], "MiB/s")
+    fig.add("stack_supervisor_cpu_ms", [r.stack_cpu_s * 1000 for r in runs["stack"]], "ms")
+    fig.add("stack_engine_cpu_ms", [r.qemu_cpu_s * 1000 for r in runs["stack"]], "ms")
+    fig.add("slirp_engine_cpu_ms", [r.qemu_cpu_s * 1000 for r in runs["slirp"]], "ms")
+    paired = [s.rate_mib_s / p.rate_mib_s for s, p in zip(runs["stack"], runs["slirp"], strict=True)]
+    fig.extra["paired_rate_ratios"] = paired
+    # The guest's clock against the host's (console lines before and after the download).
+    fig.extra["guest_over_host_download_seconds"] = [
+        r.download_s / r.host_seen_download_s for r in runs["stack"] + runs["slirp"]
+    ]
+    fig.extra["argv"] = data["argv"]
+    fig.extra["serve_netdev_last_line"] = data["stack_line"]
+    fig.ratios.append(
+        Ratio(
+            "our stack's download rate / slirp's (same guest, same server)",
+            ratio(fig.median("stack_MiB_per_s"), fig.median("slirp_MiB_per_s")),
+            1.0,
+            higher_is_better=True,
+        )
+    )
+    fig.notes.append(
+        "the bare engine (the floor's kernel, machine, accelerator, CPU model, memory) with a virtio-net-pci and "
+        "-netdev user (slirp, guest 10.0.2.15, host as 10.0.2.2) or -netdev stream to serve_netdev (boxlite-net, "
+        "guest 192.168.127.2, host as 192.168.127.254); MTU 1500 both; rate timed in the guest from connect() "
+        "to the last byte, every byte checked; rounds alternate which goes first; paired per-round ratios "
+        + ", ".join(f"{x:.2f}" for x in paired)
+        + "; *_cpu_ms is user+sys of the process over the whole boot (download, connects, boot)"
+    )
+    return [fig]
+
+
+async def fig_net_connect(ctx: Ctx) -> list[Figure]:
+    title = f"TCP connect round trip from the guest to a host loopback port ({NET_CONNECTS} per boot)"
+    fig = Figure("net_connect", title)
+    runs = net_runs(ctx)["runs"]
+    fig.add("stack_connect_ms", [x for r in runs["stack"] for x in r.connect_ms], "ms", p99=True)
+    fig.add("slirp_connect_ms", [x for r in runs["slirp"] for x in r.connect_ms], "ms", p99=True)
+    fig.ratios.append(
+        Ratio(
+            "our stack's connect p50 / slirp's (same guest, same server)",
+            ratio(fig.median("stack_connect_ms"), fig.median("slirp_connect_ms")),
+            1.0,
+        )
+    )
+    fig.notes.append(
+        "connect() in the guest, timed with CLOCK_MONOTONIC, then close(); the host port accepts and closes; "
+        "the SYN-ACK waits for the host connect in both (slirp and our stack re-originate the connection)"
+    )
+    return [fig]
+
+
+# 11: what a network adds to a box's create -> first exec --------------------------------------
+
+
+async def fig_net_boot_cost(ctx: Ctx) -> list[Figure]:
+    fig = Figure("net_boot_cost", "Create -> first exec with a network (the default) and without")
+    home = await ctx.cached_home()
+    rt = boxlite.Boxlite(boxlite.Options(home_dir=home))
+    n = ctx.runs(8, 2)
+    samples: dict[str, dict[str, list[float]]] = {"with": {}, "without": {}}
+    for i in range(n):
+        for kind in ("with", "without") if i % 2 == 0 else ("without", "with"):
+            options = ctx.options()
+            if kind == "without":
+                options = boxlite.BoxOptions(
+                    rootfs_path=ctx.image,
+                    cpus=ctx.cpus,
+                    memory_mib=ctx.memory_mib,
+                    network=boxlite.NetworkSpec("disabled"),
+                )
+            started = time.perf_counter()
+            box = await rt.create(options)
+            created = time.perf_counter()
+            await run_in_box(box, "true")
+            done = time.perf_counter()
+            try:
+                if i < 2:  # the box has eth0 exactly when it has a network
+                    net = (await run_in_box(box, "ls", "/sys/class/net")).stdout.split()
+                    if ("eth0" in net) != (kind == "with"):
+                        raise RuntimeError(f"a box {kind} a network has interfaces {net}")
+                console = read_text(box_dir(home, box) / "console.log")
+            finally:
+                await box.stop()
+            sample = {"total_ms": (done - started) * 1000, "create_ms": (created - started) * 1000}
+            for key, value in guest_uptimes(console).items():
+                sample[f"guest_uptime_at_{key}_ms"] = value
+            for key, value in sample.items():
+                samples[kind].setdefault(key, []).append(value)
+    for key in samples["with"]:
+        fig.add(f"with_network_{key}", samples["with"][key], "ms")
+        fig.add(f"without_network_{key}", samples["without"].get(key, []), "ms")
+    paired = [a / b for a, b in zip(samples["with"]["total_ms"], samples["without"]["total_ms"], strict=True)]
+    fig.extra["paired_total_ratios"] = paired
+    fig.extra["ratio_of_medians"] = ratio(fig.median("with_network_total_ms"), fig.median("without_network_total_ms"))
+    # Each pair ran back to back, so its ratio shares the machine's load; the median of the
+    # pairs moves far less between runs than the ratio of two medians.
+    fig.ratios.append(
+        Ratio("create -> first exec with a network / without (median of pairs)", statistics.median(paired), 1.05)
+    )
+    fig.notes.append(
+        'the demo image, cached; "without" is NetworkSpec("disabled") (no virtio-net device, no eth0); pairs '
+        "alternate which goes first; per-pair ratios " + ", ".join(f"{x:.3f}" for x in paired)
+    )
+    return [fig]
+
+
 FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "boot_floor": fig_boot_floor,
     "cold_create": fig_cold_create,
@@ -577,4 +760,7 @@ FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "memory": fig_memory,
     "images": fig_images,
     "stop_restart": fig_stop_restart,
+    "net_download": fig_net_download,
+    "net_connect": fig_net_connect,
+    "net_boot_cost": fig_net_boot_cost,
 }

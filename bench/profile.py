@@ -31,12 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+# bench/ for its own modules, the repository root for the test kit (testkit/).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import common
 import engine
 
 import boxlite
+from testkit.oci import umoci_unpack
 
 SIG_MAGIC = b"~Module signature appended~\n"
 NET_MODULES = ("failover.ko", "net_failover.ko", "virtio_net.ko")
@@ -114,10 +117,7 @@ def base_disk(layout: Path, out: Path) -> Path:
     if out.is_file():
         return out
     with tempfile.TemporaryDirectory(prefix="boxlite-bench-rootfs-") as tmp:
-        argv = ["umoci", "unpack", "--image", f"{layout}:latest", f"{tmp}/bundle"]
-        if os.geteuid() != 0:
-            argv.insert(2, "--rootless")
-        subprocess.run(argv, check=True, capture_output=True)
+        umoci_unpack(layout, "latest", Path(tmp) / "bundle")
         mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
         opts = ["-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0"]
         subprocess.run(

@@ -22,7 +22,9 @@ import time
 import traceback
 from pathlib import Path
 
+# bench/ for its own modules, the repository root for the test kit (testkit/).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import common
 import figures
@@ -103,7 +105,7 @@ async def run(args: argparse.Namespace) -> dict:
     figs = {name: fig for name, fig in previous.items() if name not in ctx.results}
     figs.update({name: fig.to_json() for name, fig in ctx.results.items()})
     order = ["boot_floor", "cold_create", "warm_exec", "streaming", "concurrency", "memory", "image_pull"]
-    order += ["image_unpack", "stop_restart"]
+    order += ["image_unpack", "stop_restart", "net_download", "net_connect", "net_boot_cost"]
     figs = dict(sorted(figs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     return {"meta": meta, "figures": figs}
 

@@ -51,7 +51,8 @@
 //! replaced), 32 host name lookups, 256 KiB per direction per TCP connection, 20 s connect
 //! timeout, 60 s UDP idle timeout. A SYN beyond a cap gets RST at once. Host descriptors are
 //! thus bounded by [`Limits::fd_budget`]; stack memory by about 2 x `tcp_buffer_bytes` per
-//! connection plus a 1 MiB netdev write buffer.
+//! connection, the same for up to four closed connections whose sockets are kept for reuse,
+//! plus a 1 MiB netdev write buffer.
 //!
 //! # Counters
 //!

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 /// Per-box limits. The defaults bound one box to at most
 /// `max_tcp_connections + max_udp_flows` host sockets (plus one listener per published port)
-/// and about `2 * tcp_buffer_bytes` of stack memory per TCP connection.
+/// and about `2 * tcp_buffer_bytes` of stack memory per TCP connection (and per closed
+/// connection socket kept for reuse, at most four).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// TCP connections at once, counting outbound connects still in progress, inbound

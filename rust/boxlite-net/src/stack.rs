@@ -90,6 +90,8 @@ pub(crate) struct Stack {
     dns_lookups: usize,
     pub(crate) tasks: JoinSet<Event>,
     pub(crate) forwards: Vec<Forward>,
+    /// Closed relay sockets for reuse (see `tcp::SPARE_SOCKETS`).
+    pub(crate) spare_sockets: Vec<smoltcp::socket::tcp::Socket<'static>>,
     pub(crate) next_port: u16,
     timer: Pin<Box<Sleep>>,
     pub(crate) scratch: Vec<u8>,
@@ -169,6 +171,7 @@ impl Stack {
             dns_lookups: 0,
             tasks: JoinSet::new(),
             forwards,
+            spare_sockets: Vec::new(),
             next_port: 49152,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             scratch: vec![0; crate::sniff::SNIFF_LIMIT],

@@ -128,6 +128,34 @@ async fn guest_talks_to_a_host_server_through_the_alias() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_one_after_another_each_carry_their_own_bytes() {
+    // The stack reuses a closed connection's socket for the next one: whatever ended the
+    // last connection (a clean close, a guest reset), the next one starts fresh.
+    let port = echo_server().await;
+    let (mut g, counters, task) = start(config(&["host.boxlite.internal"]), vec![]);
+    let mut total = 0u64;
+    for i in 0..12usize {
+        let h = g.tcp_connect(alias(port)).await.expect("connected");
+        let msg: Vec<u8> = (0..1000 + i * 3000).map(|k| (k * 13 + i) as u8).collect();
+        g.send_all(h, &msg).await;
+        assert!(g.recv_exact(h, msg.len()).await == msg, "echo {i} differs");
+        total += msg.len() as u64;
+        if i % 4 == 3 {
+            g.tcp(h).abort();
+        } else {
+            g.close(h).await;
+        }
+        wait_stats(&mut g, &counters, |s| s.tcp_connections == 0).await;
+    }
+    let stats = counters.snapshot();
+    assert_eq!(stats.bytes_sent, total);
+    assert_eq!(stats.bytes_received, total);
+    assert_eq!(stats.tcp_errors, 3, "the three guest resets");
+    drop(g);
+    task.await.expect("join").expect("serve");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_destinations_are_refused_at_once() {
     let (mut g, counters, _task) = start(config(&["pypi.org", "host.boxlite.internal"]), vec![]);
     let denied = [
