@@ -211,6 +211,7 @@ class Pty:
         )
         os.close(slave)
         self.output = b""
+        self.cursor = 0  # output before this was matched by an earlier expect
 
     def set_size(self, rows: int, cols: int) -> None:
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
@@ -234,16 +235,19 @@ class Pty:
         return bool(chunk)
 
     def expect(self, needle: str, resend: str | None = None) -> None:
-        """Reads until `needle` appears after what was seen so far (sending `resend` again
-        every second while waiting, for output that depends on an asynchronous event)."""
-        start = len(self.output)
+        """Reads until `needle` appears after the previous match (sending `resend` again every
+        second while waiting, for output that depends on an asynchronous event). Output after
+        the match stays unread, so one chunk can satisfy several expects in turn."""
+        wanted = needle.encode()
         deadline = time.monotonic() + DEADLINE
-        while needle.encode() not in self.output[start:]:
-            assert time.monotonic() < deadline, f"never saw {needle!r}: {self.output[start:]!r}"
+        while (found := self.output.find(wanted, self.cursor)) < 0:
+            seen = self.output[self.cursor :]
+            assert time.monotonic() < deadline, f"never saw {needle!r}: {seen!r}"
             if resend is not None:
                 self.send(resend)
-            if not self.read_some(1.0) and needle.encode() not in self.output[start:]:
-                raise AssertionError(f"the terminal closed before {needle!r}: {self.output[start:]!r}")
+            if not self.read_some(1.0) and wanted not in self.output[self.cursor :]:
+                raise AssertionError(f"the terminal closed before {needle!r}: {seen!r}")
+        self.cursor = found + len(wanted)
 
     def finish(self) -> int:
         while self.read_some(0.5):
