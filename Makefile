@@ -40,7 +40,7 @@ $(STAMPS)/venv: $(STAMPS)/system Makefile
 # and the per-box supervisor binary it starts, shipped inside the package.
 $(STAMPS)/develop: $(STAMPS)/venv $(RUST_SOURCES) pyproject.toml
 	cargo build --release -q -p boxlite --bin boxlite-shim
-	mkdir -p python/boxlite/bin && cp target/release/boxlite-shim python/boxlite/bin/
+	install -D -m 755 target/release/boxlite-shim python/boxlite/bin/boxlite-shim
 	source $(VENV)/bin/activate && maturin develop --release -q --features test-hooks
 	@touch $@
 

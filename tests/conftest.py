@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import boxlite  # noqa: E402
 from testkit.images import busybox_layout  # noqa: E402
 
 
-def engine_pids(marker: str) -> list[int]:
-    """Pids of QEMU processes whose command line mentions `marker` (a home directory)."""
+def engine_pids(marker: str, program: str = "qemu-system") -> list[int]:
+    """Pids of `program` processes (QEMU) whose command line mentions `marker` (a home)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -32,7 +33,7 @@ def engine_pids(marker: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "qemu-system" in cmdline and marker in cmdline:
+        if program in cmdline and marker in cmdline:
             pids.append(int(entry.name))
     return pids
 
@@ -61,7 +62,28 @@ def image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_runtime(home: Path, **options: object) -> boxlite.Boxlite:
+    """A runtime over `home`. Memory templates are off unless asked for: most tests make one
+    box per home, and a template made for it would only cost CPU (docs/templates.md)."""
+    options.setdefault("templates", False)
     return boxlite.Boxlite(boxlite.Options(home_dir=home, **options))  # type: ignore[arg-type]
+
+
+def settle_templates(home: Path, within: float = 120.0) -> None:
+    """Waits for the template makers of `home` (background processes that end on their own)."""
+    deadline = time.monotonic() + within
+    makers = str(home / "templates")  # the maker's job file and its QEMU's files are there
+    while any(pid_alive(p) for p in engine_pids(makers, "boxlite-shim") + engine_pids(makers)):
+        assert time.monotonic() < deadline, "a template maker is still running"
+        time.sleep(0.2)
+
+
+def assert_no_engines(home: Path) -> None:
+    """Fails (after killing them) if QEMU processes of `home` are still running."""
+    settle_templates(home)
+    leftovers = [pid for pid in engine_pids(str(home)) if pid_alive(pid)]
+    for pid in leftovers:
+        os.kill(pid, 9)
+    assert not leftovers, f"QEMU processes left running: {leftovers}"
 
 
 @pytest.fixture
@@ -69,10 +91,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
     """A runtime home; the test fails if a QEMU process of it survives the test."""
     path = tmp_path / "home"
     yield path
-    leftovers = [pid for pid in engine_pids(str(path)) if pid_alive(pid)]
-    for pid in leftovers:
-        os.kill(pid, 9)
-    assert not leftovers, f"QEMU processes left running: {leftovers}"
+    assert_no_engines(path)
 
 
 @pytest.fixture
@@ -86,15 +105,12 @@ def runtime(home: Path) -> Iterator[boxlite.Boxlite]:
 def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("shared") / "home"
     yield path
-    leftovers = [pid for pid in engine_pids(str(path)) if pid_alive(pid)]
-    for pid in leftovers:
-        os.kill(pid, 9)
-    assert not leftovers, f"QEMU processes left running: {leftovers}"
+    assert_no_engines(path)
 
 
 @pytest.fixture(scope="module")
 def shared_runtime(shared_home: Path) -> Iterator[boxlite.Boxlite]:
-    rt = make_runtime(shared_home)
+    rt = make_runtime(shared_home, templates=True)  # several boxes per home: worth it
     yield rt
     rt.close()
 

@@ -220,7 +220,8 @@ async def test_a_layer_entry_leaving_the_root_fails_the_image_and_commits_nothin
     hostile = tar_of([entry("../../../../../../.." + str(canary))], {})
     layout = tmp_path / "hostile"
     with_layer(image_layout, layout, hostile)
-    with pytest.raises(boxlite.StorageError, match="leaves its root"):
+    # Refused by the host's ext4 writer, which never resolves a layer path on the host.
+    with pytest.raises(boxlite.ImagePullError, match="leaves the archive root"):
         await runtime.create(boxlite.BoxOptions(rootfs_path=layout, memory_mib=256))
     assert not canary.exists()
     images = runtime.home_dir / "images"

@@ -25,6 +25,7 @@ DEADLINE = 180.0  # seconds a CLI command or an expected output may take before 
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOXLITE_")}
+    env["BOXLITE_TEMPLATES"] = "0"  # one box per home mostly; see make_runtime
     env.update(extra)
     return env
 

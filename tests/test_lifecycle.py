@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import boxlite
-from conftest import engine_pids, make_runtime, pid_alive, run
+from conftest import engine_pids, make_runtime, pid_alive, run, settle_templates
 
 
 def options(layout: Path, **kwargs: object) -> boxlite.BoxOptions:
@@ -120,6 +120,7 @@ async def test_a_detached_box_outlives_its_creator_and_is_reattached(home: Path,
     assert third == "persisted"
     await box.stop()
     assert (await rt.get_info("keeper")).status == "stopped"
+    settle_templates(home)  # the creator's runtime left a template maker behind
     assert [p for p in engine_pids(str(home)) if pid_alive(p)] == []
     await box.start()
     assert (await run(box, "cat", "/root/note")).stdout == "persisted\n"

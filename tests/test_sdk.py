@@ -71,7 +71,32 @@ def test_box_options_follow_the_published_field_order_and_defaults() -> None:
         ({"image": "a", "ports": [(8080, 80, "udp")]}, boxlite.NotSupportedError, "UDP"),
         ({"image": "a", "network": boxlite.NetworkSpec("bridge")}, boxlite.InvalidArgumentError, "network mode"),
         ({"image": "a", "secrets": ["s"]}, boxlite.NotSupportedError, "secrets"),
-        ({"image": "a", "advanced": object()}, boxlite.NotSupportedError, "advanced"),
+        (
+            {"image": "a", "advanced": boxlite.AdvancedBoxOptions(health_check=boxlite.HealthCheckOptions())},
+            boxlite.NotSupportedError,
+            "health_check",
+        ),
+        (
+            {
+                "image": "a",
+                "advanced": boxlite.AdvancedBoxOptions(capabilities=boxlite.ContainerCapabilities(["CAP_NOPE"])),
+            },
+            boxlite.InvalidArgumentError,
+            "CAP_NOPE",
+        ),
+        (
+            {"image": "a", "advanced": boxlite.AdvancedBoxOptions(security=boxlite.SecurityOptions(max_processes=0))},
+            boxlite.InvalidArgumentError,
+            "max_processes",
+        ),
+        (
+            {
+                "image": "a",
+                "advanced": boxlite.AdvancedBoxOptions(security=boxlite.SecurityOptions(network_enabled=False)),
+            },
+            boxlite.InvalidArgumentError,
+            "NetworkSpec",
+        ),
         ({"image": "a", "auto_stop": 60}, boxlite.NotSupportedError, "auto_stop"),
     ],
 )
@@ -89,6 +114,7 @@ def test_box_options_refuse_what_they_cannot_do(
         ({"image": "a", "cmd": ["ok", 3]}, boxlite.InvalidArgumentError),
         ({"image": "a", "tty": "yes"}, TypeError),
         ({"image": "a", "cpus": "2"}, TypeError),
+        ({"image": "a", "advanced": {"security": None}}, TypeError),
     ],
 )
 def test_box_options_refuse_wrong_types_at_construction(kwargs: dict[str, object], error: type[Exception]) -> None:

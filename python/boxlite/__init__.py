@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from . import _native
 from ._native import (
+    AdvancedBoxOptions,
     BoxInfo,
     BoxMetrics,
     BoxOptions,
     BoxState,
+    ContainerCapabilities,
     CopyOptions,
     ExecResult,
     GcReport,
+    HealthCheckOptions,
     ImageInfo,
     ImageRegistry,
     InboundNetworkSpec,
@@ -29,6 +32,7 @@ from ._native import (
     PublishedPort,
     PullProgress,
     RuntimeMetrics,
+    SecurityOptions,
 )
 from ._runtime import Box, Boxlite, ExecStdin, Execution
 from .errors import (
@@ -98,6 +102,10 @@ __all__ = [
     "NetworkSpec",
     "OutboundNetworkSpec",
     "InboundNetworkSpec",
+    "AdvancedBoxOptions",
+    "SecurityOptions",
+    "ContainerCapabilities",
+    "HealthCheckOptions",
     "NetworkInfo",
     "PublishedPort",
     "Box",

@@ -17,6 +17,10 @@ __all__ = [
     "OutboundNetworkSpec",
     "InboundNetworkSpec",
     "NetworkSpec",
+    "AdvancedBoxOptions",
+    "SecurityOptions",
+    "ContainerCapabilities",
+    "HealthCheckOptions",
     "PublishedPort",
     "NetworkInfo",
     "CopyOptions",
@@ -87,6 +91,7 @@ class Options:
         image_registries: Iterable[ImageRegistry | str] | None = None,
         boot_timeout: float | None = None,
         stop_timeout: float | None = None,
+        templates: bool | None = None,
     ) -> Options: ...
     home_dir: str | None
     @property
@@ -97,6 +102,7 @@ class Options:
     def boot_timeout(self) -> float | None: ...
     @property
     def stop_timeout(self) -> float | None: ...
+    templates: bool | None
 
 @final
 class BoxOptions:
@@ -122,7 +128,7 @@ class BoxOptions:
         cmd: Iterable[str] | None = None,
         user: str | None = None,
         tty: bool | None = None,
-        advanced: Any = None,
+        advanced: AdvancedBoxOptions | None = None,
         secrets: Any = None,
         *,
         name: str | None = None,
@@ -181,7 +187,7 @@ class BoxOptions:
     @property
     def network(self) -> Any: ...
     @property
-    def advanced(self) -> Any: ...
+    def advanced(self) -> AdvancedBoxOptions | None: ...
     @property
     def auto_stop(self) -> Any: ...
 
@@ -214,6 +220,64 @@ class NetworkSpec:
     def mode(self) -> str: ...
     @property
     def allow_net(self) -> list[str]: ...
+
+@final
+class ContainerCapabilities:
+    add: list[str]
+    drop: list[str]
+    def __new__(cls, add: list[str] | None = None, drop: list[str] | None = None) -> ContainerCapabilities: ...
+
+@final
+class SecurityOptions:
+    jailer_enabled: bool
+    seccomp_enabled: bool
+    max_open_files: int | None
+    max_file_size: int | None
+    max_processes: int | None
+    max_memory: int | None
+    max_cpu_time: int | None
+    network_enabled: bool
+    close_fds: bool
+    def __new__(
+        cls,
+        jailer_enabled: bool = False,
+        seccomp_enabled: bool = False,
+        max_open_files: int | None = None,
+        max_file_size: int | None = None,
+        max_processes: int | None = None,
+        max_memory: int | None = None,
+        max_cpu_time: int | None = None,
+        network_enabled: bool = True,
+        close_fds: bool = True,
+    ) -> SecurityOptions: ...
+    @staticmethod
+    def development() -> SecurityOptions: ...
+    @staticmethod
+    def standard() -> SecurityOptions: ...
+    @staticmethod
+    def maximum() -> SecurityOptions: ...
+
+@final
+class HealthCheckOptions:
+    interval: int
+    timeout: int
+    retries: int
+    start_period: int
+    def __new__(
+        cls, interval: int = 30, timeout: int = 10, retries: int = 3, start_period: int = 60
+    ) -> HealthCheckOptions: ...
+
+@final
+class AdvancedBoxOptions:
+    security: SecurityOptions | None
+    health_check: HealthCheckOptions | None
+    capabilities: ContainerCapabilities | None
+    def __new__(
+        cls,
+        security: SecurityOptions | None = None,
+        health_check: HealthCheckOptions | None = None,
+        capabilities: ContainerCapabilities | None = None,
+    ) -> AdvancedBoxOptions: ...
 
 @final
 class PublishedPort:
@@ -314,6 +378,8 @@ class ImageInfo:
     @property
     def layers(self) -> int: ...
     @property
+    def templates(self) -> int: ...
+    @property
     def architecture(self) -> str: ...
     @property
     def os(self) -> str: ...
@@ -359,6 +425,8 @@ class GcReport:
     def blobs_removed(self) -> int: ...
     @property
     def disks_removed(self) -> int: ...
+    @property
+    def templates_removed(self) -> int: ...
     @property
     def bytes_freed(self) -> int: ...
 
@@ -426,6 +494,8 @@ class BoxMetrics:
     def stage_box_spawn_ms(self) -> int | None: ...
     @property
     def stage_container_init_ms(self) -> int | None: ...
+    @property
+    def started_from_template(self) -> bool: ...
 
 @final
 class OutputStream:
@@ -506,14 +576,21 @@ class NativeBox:
         self, host_path: str | PathLike[str], box_path: str, options: CopyOptions | None = None
     ) -> Awaitable[None]: ...
     def copy_out(
-        self, box_path: str, host_path: str | PathLike[str], options: CopyOptions | None = None
+        self,
+        box_path: str,
+        host_path: str | PathLike[str],
+        options: CopyOptions | None = None,
+        max_bytes: int | None = None,
     ) -> Awaitable[None]: ...
-    def read_file(self, path: str) -> Awaitable[bytes]: ...
+    def read_file(self, path: str, max_bytes: int | None = None) -> Awaitable[bytes]: ...
     def write_file(self, path: str, data: bytes, mode: int = 0o644) -> Awaitable[None]: ...
     def list_dir(self, path: str) -> Awaitable[list[str]]: ...
     def start(self) -> Awaitable[None]: ...
     def stop(self) -> Awaitable[None]: ...
     def metrics(self) -> Awaitable[BoxMetrics]: ...
+    def pause(self) -> Awaitable[None]: ...
+    def resume(self) -> Awaitable[None]: ...
+    def fork(self, name: str | None = None) -> Awaitable[NativeBox]: ...
 
 @final
 class NativeImages:

@@ -248,15 +248,24 @@ class Box:
         when it ends with ``/``."""
         await self._native.copy_in(os.fspath(host_path), box_path, copy_options)
 
-    async def copy_out(self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None) -> None:
+    async def copy_out(
+        self,
+        box_path: str,
+        host_path: PathLike,
+        copy_options: CopyOptions | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         """Copies a box file or directory to the host: to ``host_path`` exactly, or into it
-        when it is an existing directory or ends with ``/``."""
-        await self._native.copy_out(box_path, os.fspath(host_path), copy_options)
+        when it is an existing directory or ends with ``/``. At most ``max_bytes`` of file
+        content (default 1 GiB) is written; more is an ``InvalidArgumentError`` raised before
+        the file that does not fit is written. Sparse files stay sparse."""
+        await self._native.copy_out(box_path, os.fspath(host_path), copy_options, max_bytes)
 
-    async def read_file(self, path: str) -> bytes:
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         """The contents of the regular file ``path`` in the box, read by the guest agent (the
-        image needs no tools for it)."""
-        data: bytes = await self._native.read_file(path)
+        image needs no tools for it). A file larger than ``max_bytes`` (default 64 MiB) is an
+        ``InvalidArgumentError`` before its content is read."""
+        data: bytes = await self._native.read_file(path, max_bytes)
         return data
 
     async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
@@ -280,6 +289,24 @@ class Box:
 
     async def metrics(self) -> _native.BoxMetrics:
         return await self._native.metrics()
+
+    async def pause(self) -> None:
+        """Saves the box's memory and devices to its directory and ends its VM (its CPU and
+        RAM are freed, its ports released); ``resume()`` brings it back with its processes
+        where they were. Running ``exec`` streams end; the commands go on after the resume.
+        ``stop()`` of a paused box resumes it and shuts it down cleanly."""
+        await self._native.pause()
+
+    async def resume(self) -> None:
+        """Brings a paused box back (``InvalidStateError`` if it is not paused)."""
+        await self._native.resume()
+
+    async def fork(self, name: str | None = None) -> Box:
+        """A new running box that continues from this one's memory and disk (its processes,
+        files and memory-only files as they are now); both go on separately. The child gets
+        its own id, ``name``, hostname, network address and fresh entropy; it publishes no
+        ports. This box is paused for the copy and resumed (its ``exec`` streams end)."""
+        return Box(await self._native.fork(name))
 
     async def __aenter__(self) -> Box:
         return self

@@ -577,10 +577,11 @@ async def cmd_images(args: argparse.Namespace) -> int:
         for image in images:
             print(image.reference)
         return 0
-    rows = [["REFERENCE", "DIGEST", "SIZE", "LAYERS", "PULLED"]]
+    rows = [["REFERENCE", "DIGEST", "SIZE", "LAYERS", "TEMPLATES", "PULLED"]]
     for image in images:
         digest = image.digest.split(":")[-1][:12]
-        rows.append([image.reference, digest, human_size(image.size), str(image.layers), _pulled(image)])
+        row = [image.reference, digest, human_size(image.size), str(image.layers), str(image.templates)]
+        rows.append([*row, _pulled(image)])
     table(rows, sys.stdout)
     return 0
 

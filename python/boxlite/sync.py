@@ -224,11 +224,17 @@ class SyncBox:
     def copy_in(self, host_path: PathLike, box_path: str, copy_options: CopyOptions | None = None) -> None:
         _run(self._box.copy_in(host_path, box_path, copy_options))
 
-    def copy_out(self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None) -> None:
-        _run(self._box.copy_out(box_path, host_path, copy_options))
+    def copy_out(
+        self,
+        box_path: str,
+        host_path: PathLike,
+        copy_options: CopyOptions | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        _run(self._box.copy_out(box_path, host_path, copy_options, max_bytes))
 
-    def read_file(self, path: str) -> bytes:
-        return _run(self._box.read_file(path))
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return _run(self._box.read_file(path, max_bytes))
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
         _run(self._box.write_file(path, data, mode))
@@ -244,6 +250,15 @@ class SyncBox:
 
     def metrics(self) -> BoxMetrics:
         return _run(self._box.metrics())
+
+    def pause(self) -> None:
+        _run(self._box.pause())
+
+    def resume(self) -> None:
+        _run(self._box.resume())
+
+    def fork(self, name: str | None = None) -> SyncBox:
+        return SyncBox(_run(self._box.fork(name)))
 
     def __enter__(self) -> SyncBox:
         return self

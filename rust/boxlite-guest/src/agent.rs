@@ -12,12 +12,14 @@ use boxlite_proto::{
     Body, ErrorKind, ExecRequest, Frame, FrameError, Message, StreamId, PROTOCOL_VERSION,
 };
 
-use crate::exec;
+use crate::boxinit::BoxInit;
+use crate::exec::{self, Confinement, Refusal};
 use crate::log::log;
 use crate::metrics::{self, CpuSample};
 use crate::mounts::{self, ROOT};
 use crate::port::{self, Incoming, Outbox};
 use crate::reaper::Reaper;
+use crate::sandbox::{self, Policy};
 use crate::session::{self, Job, Session};
 use crate::sys;
 use crate::workers::Workers;
@@ -37,6 +39,11 @@ pub struct Agent {
     /// What `mounts::mount_root` mounted, for shutdown.
     mounts: Vec<PathBuf>,
     cpu: Mutex<CpuSample>,
+    /// The box's namespaces (absent when there is no box root to run commands in).
+    box_init: Option<BoxInit>,
+    /// How user commands are confined: Docker's defaults until `Configure` says otherwise.
+    policy: Mutex<Arc<Policy>>,
+    last_cap: u32,
 }
 
 impl std::fmt::Debug for Agent {
@@ -60,7 +67,9 @@ impl Agent {
         reaper: Arc<Reaper>,
         root_error: Option<String>,
         mounts: Vec<PathBuf>,
+        box_init: Option<BoxInit>,
     ) -> Arc<Self> {
+        let last_cap = sandbox::last_cap();
         Arc::new(Self {
             out,
             reaper,
@@ -70,6 +79,9 @@ impl Agent {
             root_error,
             mounts,
             cpu: Mutex::new(CpuSample::default()),
+            box_init,
+            policy: Mutex::new(Arc::new(Policy::default_for(last_cap))),
+            last_cap,
         })
     }
 
@@ -83,9 +95,7 @@ impl Agent {
             let generation = self.out.next_generation();
             if !first {
                 // Whatever ran for the previous host keeps running, unobserved.
-                for s in sys::lock(&self.channels).values() {
-                    s.detach();
-                }
+                self.detach_all();
             }
             first = false;
             self.out.send(
@@ -101,6 +111,11 @@ impl Agent {
                 ),
             );
             log!("ready (uptime {} ms)", sys::uptime_ms());
+            // The box init sets the box up while the host answers (`Configure`, the first
+            // exec): the VM's CPU is otherwise idle meanwhile. The first exec waits for it.
+            if let Some(b) = &self.box_init {
+                b.start();
+            }
             // A fresh buffer per connection: nothing of the last one leaks into this one.
             let mut reader = BufReader::with_capacity(256 * 1024, &port);
             loop {
@@ -141,6 +156,15 @@ impl Agent {
         self.reply(channel, Message::Error { kind, message });
     }
 
+    /// Lets every running request go on unobserved and frees its channel id for the next host.
+    fn detach_all(&self) {
+        let sessions: Vec<Arc<Session>> =
+            sys::lock(&self.channels).drain().map(|(_, s)| s).collect();
+        for s in sessions {
+            s.detach();
+        }
+    }
+
     fn session(&self, channel: u32) -> Option<Arc<Session>> {
         sys::lock(&self.channels).get(&channel).cloned()
     }
@@ -149,8 +173,18 @@ impl Agent {
         sys::lock(&self.closed).contains(&channel)
     }
 
-    fn close_channel(&self, channel: u32) {
-        sys::lock(&self.channels).remove(&channel);
+    /// Forgets `session`'s channel, unless the channel is another session's by now (the id
+    /// was reused by a new host after this one was detached).
+    fn close_channel(&self, channel: u32, session: &Arc<Session>) {
+        {
+            let mut channels = sys::lock(&self.channels);
+            match channels.get(&channel) {
+                Some(current) if Arc::ptr_eq(current, session) => {
+                    channels.remove(&channel);
+                }
+                _ => return,
+            }
+        }
         let mut closed = sys::lock(&self.closed);
         if closed.len() >= CLOSED_REMEMBERED {
             closed.pop_front();
@@ -229,6 +263,8 @@ impl Agent {
             Message::UnpackLayer => self.do_unpack_layer(ch),
             Message::Metrics => self.do_metrics(ch),
             Message::Shutdown => self.do_shutdown(ch),
+            Message::PrepareTemplate => self.do_prepare_template(ch),
+            Message::Quiesce => self.do_quiesce(ch),
             // The process may just have finished; its channel is closed, nothing to do.
             Message::Signal { .. } | Message::Resize(_) => {}
             other => self.error(
@@ -263,8 +299,17 @@ impl Agent {
             Err(e) => return self.error(ch, ErrorKind::Internal, format!("session: {e}")),
         };
         sys::lock(&self.channels).insert(ch, session.clone());
+        let mine = session.clone();
         let agent = self.clone();
         let spawned = self.workers.run("session", move || {
+            let job = match agent.confine(job) {
+                Ok(job) => job,
+                Err(r) => {
+                    agent.error(ch, r.kind, r.message);
+                    agent.close_channel(ch, &mine);
+                    return;
+                }
+            };
             let run = AssertUnwindSafe(|| session::run(session, job, &agent.out, &agent.reaper));
             if std::panic::catch_unwind(run).is_err() {
                 agent.error(
@@ -273,12 +318,33 @@ impl Agent {
                     "the agent failed serving this request",
                 );
             }
-            agent.close_channel(ch);
+            agent.close_channel(ch, &mine);
         });
         if let Err(e) = spawned {
             sys::lock(&self.channels).remove(&ch);
             self.error(ch, ErrorKind::Internal, format!("starting a thread: {e}"));
         }
+    }
+
+    /// Puts a user command into the box's namespaces under the current policy (waiting for
+    /// the box init the first time). Without them it does not run at all.
+    fn confine(&self, mut job: Job) -> Result<Job, Refusal> {
+        if let Job::Exec { plan, .. } = &mut job {
+            let Some(box_init) = &self.box_init else {
+                return Err(Refusal::new(
+                    ErrorKind::Unsupported,
+                    "this boot has no box to run commands in",
+                ));
+            };
+            let ns = box_init
+                .namespaces()
+                .map_err(|e| Refusal::new(ErrorKind::Internal, e))?;
+            plan.confine = Some(Confinement {
+                ns,
+                policy: sys::lock(&self.policy).clone(),
+            });
+        }
+        Ok(job)
     }
 
     fn do_exec(self: &Arc<Self>, ch: u32, req: ExecRequest) {
@@ -325,12 +391,55 @@ impl Agent {
         self.start_tar(ch, "unpack-layer", "/");
     }
 
+    /// The last reply before the VM is saved (paused): everything after it stays unsent, so
+    /// the host that saves the VM has read every frame the guest wrote.
+    fn do_quiesce(&self, ch: u32) {
+        self.reply(ch, Message::Done);
+        if !self.out.flush(Duration::from_secs(5)) {
+            log!("the Quiesce reply could not be flushed");
+        }
+        self.out.hold();
+        log!("quiesced: the VM is being saved");
+    }
+
     fn do_configure(&self, ch: u32, setup: &boxlite_proto::GuestSetup) {
+        if setup.after != boxlite_proto::SetupAfter::Boot {
+            // A restored VM: the host that ran its commands is gone; they keep running,
+            // unobserved, and the new host hears from this request on.
+            self.detach_all();
+            self.out.release();
+        }
         let root = self.root_error.is_none().then_some(Path::new(ROOT));
-        match crate::identity::apply(setup, root) {
-            Ok(()) => self.reply(ch, Message::Done),
+        match crate::identity::apply(setup, root, self.last_cap) {
+            Ok(policy) => {
+                // Every exec from now on; running processes keep what they started with.
+                *sys::lock(&self.policy) = Arc::new(policy);
+                self.reply(ch, Message::Done)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => self.error(
+                ch,
+                ErrorKind::InvalidArgument,
+                format!("configuring the box: {e}"),
+            ),
             Err(e) => self.error(ch, ErrorKind::Io, format!("configuring the box: {e}")),
         }
+    }
+
+    /// Settles the VM before it is saved as a template: no user process may be in it (each
+    /// box made from it would inherit one), and dirty pages go to the disk the boxes' disks
+    /// will be overlays on.
+    fn do_prepare_template(&self, ch: u32) {
+        let running = sys::lock(&self.channels).len();
+        if running > 0 {
+            return self.error(
+                ch,
+                ErrorKind::InvalidArgument,
+                format!("{running} requests are running; a template must be idle"),
+            );
+        }
+        // SAFETY: sync has no preconditions.
+        unsafe { libc::sync() };
+        self.reply(ch, Message::Done);
     }
 
     fn do_metrics(&self, ch: u32) {
@@ -343,7 +452,11 @@ impl Agent {
 
     fn do_shutdown(&self, ch: u32) -> ! {
         log!("shutdown requested");
-        stop_all_processes();
+        stop_all_processes(self.box_init.as_ref().and_then(BoxInit::pid));
+        // The agent's hold on the box's mount namespace would keep the disk mounted.
+        if let Some(b) = &self.box_init {
+            b.stop();
+        }
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
         mounts::unmount_all(&self.mounts);
@@ -357,14 +470,14 @@ impl Agent {
     }
 }
 
-/// Processes other than the agent and kernel threads (by /proc, skipping zombies).
-fn live_processes() -> usize {
+/// Processes other than the agent, kernel threads and `except` (by /proc, skipping zombies).
+fn live_processes(except: Option<libc::pid_t>) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid > 2)
+        .filter(|&pid| pid > 2 && Some(pid as libc::pid_t) != except)
         .filter(|pid| {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 return false;
@@ -381,10 +494,10 @@ fn live_processes() -> usize {
         .count()
 }
 
-fn wait_for_no_processes(limit: Duration) -> bool {
+fn wait_for_no_processes(except: Option<libc::pid_t>, limit: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if live_processes() == 0 {
+        if live_processes(except) == 0 {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -392,20 +505,20 @@ fn wait_for_no_processes(limit: Duration) -> bool {
     false
 }
 
-/// SIGTERM to everything, a moment of grace, then SIGKILL.
-fn stop_all_processes() {
-    if live_processes() == 0 {
+/// SIGTERM to everything, a moment of grace, then SIGKILL. The box init ignores SIGTERM (it is
+/// its namespace's init); it is killed last, which also kills whatever is left in the box.
+fn stop_all_processes(box_init: Option<libc::pid_t>) {
+    if live_processes(None) == 0 {
         return;
     }
     // SAFETY: kill(-1) from PID 1 signals every other process; no memory involved.
     unsafe { libc::kill(-1, libc::SIGTERM) };
-    if wait_for_no_processes(Duration::from_secs(2)) {
-        return;
+    if !wait_for_no_processes(box_init, Duration::from_secs(2)) {
+        log!("processes left after SIGTERM; sending SIGKILL");
     }
-    log!("processes left after SIGTERM; sending SIGKILL");
     // SAFETY: as above.
     unsafe { libc::kill(-1, libc::SIGKILL) };
-    wait_for_no_processes(Duration::from_secs(2));
+    wait_for_no_processes(None, Duration::from_secs(2));
 }
 
 /// Syncs and powers the VM off. Never returns: PID 1 must not exit.

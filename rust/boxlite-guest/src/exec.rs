@@ -1,17 +1,29 @@
 //! Turning an [`ExecRequest`] into a running process: validation, user resolution and a
 //! hand-written clone/exec. `std::process` is not used because it waits for children itself
-//! (racing the reaper, see `reaper.rs`) and cannot chroot before resolving the program.
+//! (racing the reaper, see `reaper.rs`) and cannot enter the box before resolving the program.
+//!
+//! A user command is confined (see `boxinit.rs` and `sandbox.rs`): the agent's clone child
+//! joins the box's ipc, mount and pid namespaces (`setns` on the box init's), then clones the
+//! final process with `CLONE_PARENT`, so that it is born inside the box's pid namespace yet is
+//! the agent's child (the reaper gets its status, the timeout kills its process group by the
+//! agent's pid for it). That process cuts its capability bounding set, installs the seccomp
+//! filter (which needs `CAP_SYS_ADMIN`, still held), switches user, sets its capabilities and
+//! executes. Until `execve` it shares the agent's memory, which is why the agent is
+//! non-dumpable (`main.rs`): nothing in the box can ptrace or read it meanwhile.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use boxlite_proto::{ErrorKind, ExecRequest, TtySize};
 
+use crate::boxinit::BoxNs;
 use crate::mounts::ROOT;
 use crate::reaper::{ExitSink, Reaper};
+use crate::sandbox::{self, Policy};
 use crate::sys;
 use crate::user::{self, Ids, UserError};
 
@@ -43,10 +55,20 @@ pub struct Plan {
     pub candidates: Vec<CString>,
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
-    pub chroot: Option<CString>,
     pub cwd: CString,
     pub ids: Option<Ids>,
     pub stdio: Stdio,
+    /// `CLONE_NEW*` flags: namespaces the child is created in (the box init's).
+    pub new_namespaces: libc::c_int,
+    /// How a user command is confined; `None` for the agent's own helpers.
+    pub confine: Option<Confinement>,
+}
+
+/// The box a user command runs in and what it may do there.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    pub ns: Arc<BoxNs>,
+    pub policy: Arc<Policy>,
 }
 
 /// A refused request, already in the protocol's terms.
@@ -146,10 +168,12 @@ pub fn plan_exec(req: &ExecRequest) -> Result<Plan, Refusal> {
         candidates,
         argv,
         envp,
-        chroot: Some(c_arg("the root", ROOT)?),
         cwd,
         ids: Some(ids),
         stdio,
+        new_namespaces: 0,
+        // Filled in by the agent before the spawn (it may wait for the box init).
+        confine: None,
     })
 }
 
@@ -164,7 +188,6 @@ pub fn plan_tar(op: &str, path: &str) -> Result<Plan, Refusal> {
         candidates: vec![exe],
         argv,
         envp: Vec::new(),
-        chroot: None,
         cwd: c_arg("/", "/")?,
         ids: None,
         stdio: Stdio::Pipes {
@@ -172,13 +195,18 @@ pub fn plan_tar(op: &str, path: &str) -> Result<Plan, Refusal> {
             stdout: op == "copy-out",
             stderr: true,
         },
+        new_namespaces: 0,
+        confine: None,
     })
 }
 
 /// A started process and the agent's ends of its stdio.
 #[derive(Debug)]
 pub struct Child {
+    /// Its pid in the agent's (the VM's) pid namespace.
     pub pid: libc::pid_t,
+    /// Its pid inside the box, for a confined command.
+    pub box_pid: Option<libc::pid_t>,
     pub stdin: Option<OwnedFd>,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
@@ -195,6 +223,7 @@ pub enum Stage {
     Cwd = 3,
     User = 4,
     Exec = 5,
+    Sandbox = 6,
 }
 
 #[derive(Debug)]
@@ -230,8 +259,9 @@ impl SpawnError {
                     Stage::User => {
                         Refusal::new(ErrorKind::SpawnFailed, format!("switching user: {err}"))
                     }
-                    Stage::Root => {
-                        Refusal::new(ErrorKind::Io, format!("entering the box root: {err}"))
+                    Stage::Root => Refusal::new(ErrorKind::Io, format!("entering the box: {err}")),
+                    Stage::Sandbox => {
+                        Refusal::new(ErrorKind::Internal, format!("confining the process: {err}"))
                     }
                     Stage::Setup => Refusal::new(
                         ErrorKind::SpawnFailed,
@@ -243,11 +273,18 @@ impl SpawnError {
     }
 }
 
-fn open_pty(size: TtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+fn open_pty(size: TtySize, pts: Option<RawFd>) -> io::Result<(OwnedFd, OwnedFd)> {
     // The box's own devpts instance, so the slave is /dev/pts/N inside the box too.
-    let flags = libc::O_RDWR | libc::O_NOCTTY;
-    let master = sys::open(&Path::new(ROOT).join("dev/pts/ptmx"), flags, 0)
-        .or_else(|_| sys::open(Path::new("/dev/ptmx"), flags, 0))?;
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let master = match pts {
+        Some(dir) => {
+            // SAFETY: a valid directory descriptor and C string.
+            let fd = sys::cvt(unsafe { libc::openat(dir, c"ptmx".as_ptr(), flags) })?;
+            // SAFETY: openat returned a fresh descriptor.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        }
+        None => sys::open(Path::new("/dev/ptmx"), flags, 0)?,
+    };
     let m = master.as_raw_fd();
     let unlock: libc::c_int = 0;
     // SAFETY: ioctls on our own master with correctly typed arguments.
@@ -295,6 +332,7 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
     let (err_r, err_w) = sys::pipe().map_err(SpawnError::Agent)?;
     let mut child = Child {
         pid: 0,
+        box_pid: None,
         stdin: None,
         stdout: None,
         stderr: None,
@@ -336,7 +374,8 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
             fds = raw;
         }
         Stdio::Tty(size) => {
-            let (master, slave) = open_pty(size).map_err(SpawnError::Agent)?;
+            let pts = plan.confine.as_ref().map(|c| c.ns.pts.as_raw_fd());
+            let (master, slave) = open_pty(size, pts).map_err(SpawnError::Agent)?;
             fds = [slave.as_raw_fd(); 3];
             theirs.push(slave);
             child.stdin = Some(dup_cloexec(master.as_raw_fd()).map_err(SpawnError::Agent)?);
@@ -362,6 +401,27 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
         .as_ref()
         .map(|i| i.groups.clone())
         .unwrap_or_default();
+    let ns = plan.confine.as_ref().map(|c| {
+        [
+            c.ns.ipc.as_raw_fd(),
+            c.ns.mnt.as_raw_fd(),
+            c.ns.pid.as_raw_fd(),
+        ]
+    });
+    let policy = plan.confine.as_ref().map(|c| &*c.policy);
+    // The child runs on its own stack in our address space until it executes (like
+    // posix_spawn): no page tables to copy, no copy-on-write faults afterwards - both
+    // expensive under a software CPU. This thread is suspended meanwhile (CLONE_VFORK).
+    // A confined command needs a second stack: its final process is the child's child.
+    let stacks = if ns.is_some() { 2 } else { 1 };
+    let mut stack = vec![0u8; CHILD_STACK * stacks];
+    let base = stack.as_mut_ptr();
+    let top_of = |end: usize| {
+        let top = base.wrapping_add(end - 64);
+        (top as usize & !15) as *mut libc::c_void
+    };
+    let top = top_of(CHILD_STACK * stacks);
+    let inner_top = top_of(CHILD_STACK);
     let ctx = ChildCtx {
         plan,
         fds,
@@ -370,23 +430,22 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
         envp: &envp,
         groups: &groups,
         err: err_w.as_raw_fd(),
+        ns,
+        policy,
+        inner_stack: inner_top,
+        grandchild: AtomicI32::new(0),
+        box_pid: AtomicI32::new(0),
     };
-
-    // The child runs on its own stack in our address space until it executes (like
-    // posix_spawn): no page tables to copy, no copy-on-write faults afterwards - both
-    // expensive under a software CPU. This thread is suspended meanwhile (CLONE_VFORK).
-    let mut stack = vec![0u8; CHILD_STACK];
-    let top = stack.as_mut_ptr().wrapping_add(CHILD_STACK - 64);
-    let top = (top as usize & !15) as *mut libc::c_void;
     let mut guard = reaper.lock();
     // SAFETY: `ctx` and `stack` outlive the child's use of them (the call returns only once
-    // the child has executed or exited); the child performs only async-signal-safe calls
-    // on data prepared here and writes nothing but its own stack (see `child_main`).
+    // the child has executed or exited, and a confined child only once its own child has);
+    // the children perform only async-signal-safe calls on data prepared here and write
+    // nothing but their own stacks and the two atomics of `ctx` (see `child_main`).
     let pid = unsafe {
         libc::clone(
             child_entry,
             top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD | plan.new_namespaces,
             &ctx as *const ChildCtx<'_> as *mut libc::c_void,
         )
     };
@@ -394,9 +453,19 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
     if pid < 0 {
         return Err(SpawnError::Agent(io::Error::last_os_error()));
     }
-    guard.register(pid, sink);
+    // A confined command is the grandchild (the child only entered the box and exited).
+    let process = if ctx.ns.is_some() {
+        ctx.grandchild.load(Ordering::SeqCst)
+    } else {
+        pid
+    };
+    if process > 0 {
+        guard.register(process, sink);
+    }
     drop(guard);
-    child.pid = pid;
+    child.pid = process;
+    let box_pid = ctx.box_pid.load(Ordering::SeqCst);
+    child.box_pid = (box_pid > 0).then_some(box_pid);
     drop(theirs);
     drop(err_w);
 
@@ -408,7 +477,7 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
             Ok(n) => got += n,
         }
     }
-    if got == 0 {
+    if got == 0 && process > 0 {
         return Ok(child);
     }
     let stage = match u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) {
@@ -416,6 +485,7 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
         3 => Stage::Cwd,
         4 => Stage::User,
         5 => Stage::Exec,
+        6 => Stage::Sandbox,
         _ => Stage::Setup,
     };
     let errno = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
@@ -430,6 +500,15 @@ struct ChildCtx<'a> {
     envp: &'a [*const libc::c_char],
     groups: &'a [libc::gid_t],
     err: RawFd,
+    /// The box's ipc, mount and pid namespaces, for a confined command.
+    ns: Option<[RawFd; 3]>,
+    policy: Option<&'a Policy>,
+    /// The final process's stack (confined commands).
+    inner_stack: *mut libc::c_void,
+    /// Written by the children: the final process's pid in the agent's and the box's pid
+    /// namespace.
+    grandchild: AtomicI32,
+    box_pid: AtomicI32,
 }
 
 /// Stack of the cloned child until it executes.
@@ -438,6 +517,11 @@ const CHILD_STACK: usize = 128 * 1024;
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildCtx` that `spawn` keeps alive while we run.
     unsafe { child_main(&*(arg as *const ChildCtx<'_>)) }
+}
+
+extern "C" fn final_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: as for `child_entry`; `child_main` waits for us (CLONE_VFORK).
+    unsafe { final_main(&*(arg as *const ChildCtx<'_>)) }
 }
 
 /// Reports `(stage, errno)` on the error pipe and exits.
@@ -457,8 +541,12 @@ unsafe fn fail(err: RawFd, stage: Stage) -> ! {
 }
 
 /// The cloned child: only async-signal-safe calls, no allocation, no return. It shares the
-/// agent's memory until `execve`, so it must not write anything but its own stack (and
-/// errno, which belongs to the suspended parent thread).
+/// agent's memory until `execve`, so it must not write anything but its own stack, the
+/// atomics of `ctx` (and errno, which belongs to the suspended parent thread).
+///
+/// For a confined command it joins the box's namespaces, starts the final process as a
+/// sibling (`CLONE_PARENT`: the agent's child, in the box's pid namespace), waits for it to
+/// execute (`CLONE_VFORK`) and exits; otherwise it is the final process itself.
 ///
 /// # Safety
 /// Only to be called in the cloned child.
@@ -470,6 +558,41 @@ unsafe fn child_main(c: &ChildCtx<'_>) -> ! {
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         // Rust ignores SIGPIPE; a child must not inherit that.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let Some([ipc, mnt, pid]) = c.ns else {
+            final_main(c)
+        };
+        // The mount namespace also sets the root and working directory to the box's `/`.
+        if libc::setns(ipc, libc::CLONE_NEWIPC) < 0
+            || libc::setns(mnt, libc::CLONE_NEWNS) < 0
+            || libc::setns(pid, libc::CLONE_NEWPID) < 0
+        {
+            fail(c.err, Stage::Root);
+        }
+        let child = libc::clone(
+            final_entry,
+            c.inner_stack,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
+            c as *const ChildCtx<'_> as *mut libc::c_void,
+        );
+        if child < 0 {
+            fail(c.err, Stage::Setup);
+        }
+        c.grandchild.store(child, Ordering::SeqCst);
+        libc::_exit(0)
+    }
+}
+
+/// The process that becomes the command: session, stdio, working directory, confinement,
+/// user, `execve`. Same rules as [`child_main`].
+///
+/// # Safety
+/// Only to be called in a cloned child.
+unsafe fn final_main(c: &ChildCtx<'_>) -> ! {
+    // SAFETY: as in `child_main`.
+    unsafe {
+        if c.ns.is_some() {
+            c.box_pid.store(libc::getpid(), Ordering::SeqCst);
+        }
         if libc::setsid() < 0 {
             fail(c.err, Stage::Setup);
         }
@@ -484,19 +607,39 @@ unsafe fn child_main(c: &ChildCtx<'_>) -> ! {
         if c.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
             fail(c.err, Stage::Setup);
         }
-        // Whatever descriptor some other thread opened without O_CLOEXEC stays out.
-        libc::close_range(
-            3,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
-        );
-        if let Some(root) = &c.plan.chroot {
-            if libc::chroot(root.as_ptr()) < 0 || libc::chdir(c"/".as_ptr()) < 0 {
-                fail(c.err, Stage::Root);
+        // Whatever descriptor some other thread opened without O_CLOEXEC stays out. A
+        // confined command, visible in the box from now on, keeps nothing of the agent's
+        // but the error pipe even until it executes.
+        let err = c.err as libc::c_uint;
+        if c.ns.is_some() {
+            if err > 3 {
+                libc::close_range(3, err - 1, 0);
             }
+            libc::close_range(err + 1, libc::c_uint::MAX, 0);
+        } else {
+            libc::close_range(
+                3,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            );
         }
         if libc::chdir(c.plan.cwd.as_ptr()) < 0 {
             fail(c.err, Stage::Cwd);
+        }
+        if let Some(p) = c.policy {
+            // Before the user change: lowering a hard limit needs no privilege, and
+            // RLIMIT_NPROC is checked against the new user at execve.
+            if sandbox::set_limits(&p.rlimits).is_err() {
+                fail(c.err, Stage::Sandbox);
+            }
+            if sandbox::drop_bounding(p.caps, p.last_cap).is_err() {
+                fail(c.err, Stage::Sandbox);
+            }
+            if let Some(filter) = &p.filter {
+                if sandbox::install_filter(filter).is_err() {
+                    fail(c.err, Stage::Sandbox);
+                }
+            }
         }
         if let Some(ids) = &c.plan.ids {
             // Raw syscalls: glibc's wrappers would try to broadcast the change to the
@@ -506,6 +649,13 @@ unsafe fn child_main(c: &ChildCtx<'_>) -> ! {
                 || libc::syscall(libc::SYS_setuid, ids.uid) < 0
             {
                 fail(c.err, Stage::User);
+            }
+        }
+        if let Some(p) = c.policy {
+            // uid 0 keeps the box's set; any other uid has none left after setuid.
+            let root = c.plan.ids.as_ref().is_none_or(|i| i.uid == 0);
+            if sandbox::set_caps(if root { p.caps } else { 0 }).is_err() {
+                fail(c.err, Stage::Sandbox);
             }
         }
         let mut eacces = false;

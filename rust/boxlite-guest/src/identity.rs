@@ -1,6 +1,6 @@
 //! Who the box is, applied when the host says so (`Configure`, right after boot or after a
-//! restore from a memory image): the wall clock, fresh entropy, the hostname, the network
-//! and the box root's resolver files.
+//! restore from a memory image): the wall clock, fresh entropy, the hostname, the network,
+//! the box root's resolver files, and how its user commands are confined (`sandbox.rs`).
 
 use std::io;
 use std::path::Path;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use boxlite_proto::message::GuestSetup;
 
 use crate::net;
+use crate::sandbox::Policy;
 use crate::sys;
 
 /// `_IOW('R', 0x03, int[2])`: add entropy to the input pool, crediting it.
@@ -16,8 +17,11 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
-/// Applies `setup`; `root` is the box root when it is mounted.
-pub fn apply(setup: &GuestSetup, root: Option<&Path>) -> io::Result<()> {
+/// Applies `setup`; `root` is the box root when it is mounted. Returns the confinement of the
+/// box's user commands for the agent to use from now on; a setup it cannot compile (an
+/// unknown capability) is an `InvalidInput` error before anything else is changed.
+pub fn apply(setup: &GuestSetup, root: Option<&Path>, last_cap: u32) -> io::Result<Policy> {
+    let policy = Policy::compile(&setup.sandbox, last_cap)?;
     set_clock(setup.time_ms)?;
     if !setup.entropy.is_empty() {
         reseed(&setup.entropy)?;
@@ -29,7 +33,7 @@ pub fn apply(setup: &GuestSetup, root: Option<&Path>) -> io::Result<()> {
     if let Some(root) = root {
         net::write_resolver_files(root, &setup.hostname, setup.network.as_ref())?;
     }
-    Ok(())
+    Ok(policy)
 }
 
 fn set_clock(time_ms: u64) -> io::Result<()> {

@@ -3,9 +3,11 @@
 //! Boot: mount the pseudo filesystems, load the listed kernel modules, mount the box disk,
 //! open the `boxlite.agent` virtio-serial port, say `Ready`, then serve the host's requests
 //! (see `boxlite-proto`). Run with the hidden `__boxlite_tar` subcommand it is instead the
-//! chrooted tar helper the agent spawns for copies and layer unpacking.
+//! chrooted tar helper the agent spawns for copies and layer unpacking; run as `boxlite-init`
+//! (PID 1 of a fresh pid namespace) it is the box init (`boxinit.rs`).
 
 mod agent;
+mod boxinit;
 mod cmdline;
 mod exec;
 mod identity;
@@ -16,6 +18,8 @@ mod mounts;
 mod net;
 mod port;
 mod reaper;
+mod sandbox;
+mod seccomp;
 mod session;
 mod sys;
 mod tarfs;
@@ -34,6 +38,9 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(exec::TAR_SUBCOMMAND) {
         std::process::exit(tarfs::helper_main(args.get(2..).unwrap_or(&[])));
     }
+    if args.len() == 1 && args[0] == boxinit::ARGV0 && std::process::id() == 1 {
+        boxinit::init_main();
+    }
     if std::process::id() != 1 {
         eprintln!(
             "boxlite-guest is the init process of a boxlite VM and only runs as PID 1 \
@@ -42,6 +49,11 @@ fn main() {
         std::process::exit(2);
     }
     std::panic::set_hook(Box::new(|info| log!("panic: {info}")));
+    // Non-dumpable: only a holder of CAP_SYS_PTRACE may trace the agent or read its memory
+    // and descriptors through /proc. Exec children share this memory until they execute,
+    // while already visible inside the box (see exec.rs).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // A panic escaping boot would end PID 1 and panic the kernel; power off cleanly instead.
     let _ = std::panic::catch_unwind(boot_and_serve);
     agent::power_off();
@@ -78,6 +90,9 @@ fn boot_and_serve() {
         sys::uptime_ms()
     );
     let reaper = reaper::Reaper::start();
+    // The box's namespaces are built once `Ready` is out (see Agent::serve).
+    let box_init = (root_error.is_none() && cfg.mode == cmdline::Mode::Box)
+        .then(|| boxinit::BoxInit::new(reaper.clone()));
     let port = match port::open_port(GUEST_PORT_NAME, Duration::from_secs(10)) {
         Ok(p) => p,
         Err(e) => {
@@ -92,5 +107,5 @@ fn boot_and_serve() {
             return;
         }
     };
-    agent::Agent::new(outbox, reaper, root_error, mounts).serve(port)
+    agent::Agent::new(outbox, reaper, root_error, mounts, box_init).serve(port)
 }

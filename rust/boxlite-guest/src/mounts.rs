@@ -9,7 +9,8 @@ use crate::cmdline::{BootConfig, Mode};
 use crate::log::log;
 use crate::sys;
 
-/// Where the box disk is mounted; every exec chroots here.
+/// Where the box disk is mounted in the agent's namespace (the box init makes it the box's `/`,
+/// the tar helper chroots here).
 pub const ROOT: &str = "/rootfs";
 
 /// How long the box disk's device node may take to appear.
@@ -158,8 +159,8 @@ fn wait_for(path: &Path, limit: Duration) -> bool {
     }
 }
 
-/// Mounts the box disk at [`ROOT`] and, in box mode, the pseudo filesystems inside it.
-/// Returns the mount points in mount order (for [`unmount_all`]) or why the root is unusable.
+/// Mounts the box disk at [`ROOT`] (and grows it, in box mode). Returns the mount points in
+/// mount order (for [`unmount_all`]) or why the root is unusable.
 pub fn mount_root(cfg: &BootConfig) -> Result<Vec<PathBuf>, String> {
     let Some(dev) = &cfg.root else {
         return Err("no boxlite.root= on the kernel command line".into());
@@ -178,7 +179,7 @@ pub fn mount_root(cfg: &BootConfig) -> Result<Vec<PathBuf>, String> {
     }
     mount(dev, root, "ext4", 0, None)
         .map_err(|e| format!("mounting {dev} (ext4) on {ROOT}: {e}"))?;
-    let mut mounted = vec![root.to_path_buf()];
+    let mounted = vec![root.to_path_buf()];
     if cfg.mode == Mode::Unpack {
         // A fresh base disk starts as the image's root: mkfs's empty lost+found is not part
         // of any image (e2fsck recreates it when it needs one).
@@ -188,54 +189,7 @@ pub fn mount_root(cfg: &BootConfig) -> Result<Vec<PathBuf>, String> {
     if let Err(e) = grow_root(dev, root) {
         log!("growing the root filesystem: {e}");
     }
-    let nosuid = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
-    let table: [(&str, &str, &str, libc::c_ulong, Option<&str>); 5] = [
-        ("proc", "proc", "proc", nosuid, None),
-        ("sysfs", "sys", "sysfs", nosuid, None),
-        ("devtmpfs", "dev", "devtmpfs", libc::MS_NOSUID, None),
-        (
-            "devpts",
-            "dev/pts",
-            "devpts",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
-        ),
-        (
-            "shm",
-            "dev/shm",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("mode=1777"),
-        ),
-    ];
-    let mut errors = Vec::new();
-    for (src, rel, fs, flags, data) in table {
-        let target = root.join(rel);
-        // Only mount points are created in the image, and only when missing. A symlink in
-        // their place is not followed out of the box: such a mount is skipped.
-        let ok = match std::fs::symlink_metadata(&target) {
-            Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(io::Error::other("exists and is not a directory")),
-            Err(_) => std::fs::create_dir(&target),
-        }
-        .and_then(|()| mount(src, &target, fs, flags, data));
-        match ok {
-            Ok(()) => mounted.push(target),
-            Err(e) => errors.push(format!("{}: {e}", target.display())),
-        }
-    }
-    // /dev/fd and friends, as container runtimes provide them (devtmpfs has none).
-    for (link, to) in [
-        ("dev/fd", "/proc/self/fd"),
-        ("dev/stdin", "/proc/self/fd/0"),
-        ("dev/stdout", "/proc/self/fd/1"),
-        ("dev/stderr", "/proc/self/fd/2"),
-    ] {
-        let _ = std::os::unix::fs::symlink(to, root.join(link));
-    }
-    for e in errors {
-        log!("box mount {e}");
-    }
+    // The box's /proc, /sys and /dev are mounted by the box init, in the box's namespaces.
     Ok(mounted)
 }
 

@@ -43,6 +43,21 @@ pub fn configure(setup: &GuestNetwork) -> io::Result<()> {
             Err(e) => return Err(what(e, "finding the interface")),
         }
     }
+    // A VM restored from a template has the template's address; the host's network sends
+    // to this box's own, and the device filters on it.
+    let mut req = ifreq(&name);
+    ioctl(&sock, libc::SIOCGIFHWADDR, &mut req).map_err(|e| what(e, "reading the MAC"))?;
+    // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+    let current = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let wanted = setup.mac.map(|b| b as libc::c_char);
+    if current.sa_data[..6] != wanted {
+        let mut hwaddr = current;
+        hwaddr.sa_family = libc::ARPHRD_ETHER;
+        hwaddr.sa_data[..6].copy_from_slice(&wanted);
+        let mut req = ifreq(&name);
+        req.ifr_ifru.ifru_hwaddr = hwaddr;
+        ioctl(&sock, libc::SIOCSIFHWADDR, &mut req).map_err(|e| what(e, "setting the MAC"))?;
+    }
     if setup.mtu != 0 && setup.mtu != 1500 {
         let mut req = ifreq(&name);
         req.ifr_ifru.ifru_mtu = libc::c_int::from(setup.mtu);

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -176,6 +176,8 @@ enum Out {
 pub struct Outbox {
     tx: mpsc::Sender<Out>,
     generation: Arc<AtomicU64>,
+    /// Set while the VM is being saved: nothing at all is written (see [`Outbox::hold`]).
+    held: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -195,6 +197,8 @@ impl Outbox {
         let (tx, rx) = mpsc::channel::<Out>();
         let generation = Arc::new(AtomicU64::new(0));
         let current = generation.clone();
+        let held = Arc::new(AtomicBool::new(false));
+        let holding = held.clone();
         std::thread::Builder::new()
             .name("port-writer".into())
             .spawn(move || {
@@ -210,8 +214,11 @@ impl Outbox {
                     while let Some(out) = next.take() {
                         match out {
                             Out::Bytes { generation, bytes } => {
-                                if generation != current.load(Ordering::SeqCst) {
-                                    // A frame for a host that is gone.
+                                if generation != current.load(Ordering::SeqCst)
+                                    || holding.load(Ordering::SeqCst)
+                                {
+                                    // A frame for a host that is gone, or while the VM is
+                                    // being saved.
                                 } else if bytes.len() >= BATCH / 2 {
                                     if !batch.is_empty() {
                                         write(&batch);
@@ -239,7 +246,11 @@ impl Outbox {
                     }
                 }
             })?;
-        Ok(Arc::new(Self { tx, generation }))
+        Ok(Arc::new(Self {
+            tx,
+            generation,
+            held,
+        }))
     }
 
     pub fn generation(&self) -> u64 {
@@ -249,6 +260,19 @@ impl Outbox {
     /// Starts a new connection generation: frames queued for older ones are dropped.
     pub fn next_generation(&self) -> u64 {
         self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Stops all output until [`Outbox::release`], and starts a new generation so that what
+    /// was queued for the current one is never sent: the host saving the VM reads nothing
+    /// after the reply it is waiting for, and the VM restored later talks to a new host.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        self.next_generation();
+    }
+
+    /// Lets output flow again (frames of the current generation only).
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
     }
 
     /// Queues `frame` for the connection generation `generation`.

@@ -155,7 +155,7 @@ pub enum Job {
 }
 
 /// Runs `job` on `session` to its final reply. Blocks; call it on the session's own thread.
-pub fn run(session: Arc<Session>, job: Job, out: &Outbox, reaper: &Reaper) {
+pub fn run(session: Arc<Session>, mut job: Job, out: &Outbox, reaper: &Reaper) {
     let (plan, is_exec) = match &job {
         Job::Exec { plan, .. } => (plan, true),
         Job::Tar { plan, .. } => (plan, false),
@@ -176,11 +176,16 @@ pub fn run(session: Arc<Session>, job: Job, out: &Outbox, reaper: &Reaper) {
             return;
         }
     };
+    // The box's namespaces are held by the box init's handle only (shutdown closes them).
+    if let Job::Exec { plan, .. } = &mut job {
+        plan.confine = None;
+    }
     if is_exec {
         session.reply(
             out,
             Message::Started {
-                pid: child.pid as u32,
+                // The pid the box's own processes know it by.
+                pid: child.box_pid.unwrap_or(child.pid) as u32,
             },
         );
     }

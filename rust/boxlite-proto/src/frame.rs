@@ -330,4 +330,113 @@ mod tests {
         bytes.truncate(bytes.len() - 2);
         assert!(Frame::read_from(&mut bytes.as_slice()).is_err());
     }
+
+    /// Reads frames from `wire` until the end or the first error, as a peer would.
+    fn read_all(wire: &[u8]) -> Vec<Frame> {
+        let mut r = wire;
+        let mut out = Vec::new();
+        while let Ok(Some(frame)) = Frame::read_from(&mut r) {
+            out.push(frame);
+        }
+        out
+    }
+
+    fn any_frame() -> impl proptest::strategy::Strategy<Value = Frame> {
+        use proptest::prelude::*;
+        let stream = prop_oneof![
+            Just(StreamId::Stdin),
+            Just(StreamId::Stdout),
+            Just(StreamId::Stderr)
+        ];
+        let message = prop_oneof![
+            Just(Message::Ping),
+            Just(Message::Pong),
+            Just(Message::Done),
+            any::<i32>().prop_map(|signal| Message::Signal { signal }),
+            any::<u32>().prop_map(|pid| Message::Started { pid }),
+            ".{0,40}".prop_map(|path| Message::CopyOut { path }),
+            (".{0,20}", proptest::collection::vec(".{0,20}", 0..4))
+                .prop_map(|(p, a)| Message::Exec(ExecRequest::new(p, a))),
+        ];
+        prop_oneof![
+            (any::<u32>(), message).prop_map(|(c, m)| Frame::control(c, m)),
+            (
+                any::<u32>(),
+                stream.clone(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(c, s, d)| Frame::data(c, s, d)),
+            (any::<u32>(), stream.clone()).prop_map(|(c, s)| Frame::eof(c, s)),
+            (any::<u32>(), stream, any::<u32>()).prop_map(|(c, s, b)| Frame::credit(c, s, b)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(wire in proptest::collection::vec(proptest::num::u8::ANY, 0..2000)) {
+            let _ = read_all(&wire);
+            if let Ok(head) = <[u8; HEADER_LEN]>::try_from(wire.get(..HEADER_LEN).unwrap_or(&[])) {
+                if let Ok(header) = FrameHeader::decode(&head) {
+                    proptest::prop_assert!(header.payload_len <= MAX_PAYLOAD);
+                    let payload = wire[HEADER_LEN..].iter().copied().take(header.payload_len).collect();
+                    let _ = Frame::decode(header, payload);
+                }
+            }
+        }
+
+        #[test]
+        fn every_frame_round_trips(frames in proptest::collection::vec(any_frame(), 1..6)) {
+            let mut wire = Vec::new();
+            for frame in &frames {
+                frame.encode_into(&mut wire);
+            }
+            proptest::prop_assert_eq!(read_all(&wire), frames);
+        }
+
+        #[test]
+        fn mutated_streams_never_panic_nor_overread(
+            frames in proptest::collection::vec(any_frame(), 1..6),
+            flips in proptest::collection::vec((0usize..600, proptest::num::u8::ANY), 1..6),
+            cut in 0usize..50,
+        ) {
+            let mut wire = Vec::new();
+            for frame in &frames {
+                frame.encode_into(&mut wire);
+            }
+            for (at, byte) in flips {
+                if let Some(b) = wire.get_mut(at) {
+                    *b = byte;
+                }
+            }
+            wire.truncate(wire.len().saturating_sub(cut));
+            // What decodes is bounded by the bytes there were: no frame is made up.
+            let decoded = read_all(&wire);
+            proptest::prop_assert!(decoded.len() <= wire.len() / HEADER_LEN);
+            for frame in decoded {
+                if let Body::Data { data, .. } = frame.body {
+                    proptest::prop_assert!(data.len() < wire.len());
+                }
+            }
+        }
+
+        #[test]
+        fn a_header_never_announces_more_than_the_cap(len in proptest::num::u32::ANY, channel in proptest::num::u32::ANY, kind in proptest::num::u8::ANY) {
+            let mut head = [0u8; HEADER_LEN];
+            head[..4].copy_from_slice(&len.to_be_bytes());
+            head[4..8].copy_from_slice(&channel.to_be_bytes());
+            head[8] = kind;
+            match FrameHeader::decode(&head) {
+                Ok(h) => {
+                    proptest::prop_assert!(h.payload_len <= MAX_PAYLOAD);
+                    proptest::prop_assert_eq!(h.payload_len + HEADER_LEN - 4, len as usize);
+                    proptest::prop_assert_eq!(h.channel, channel);
+                }
+                Err(FrameError::TooLarge(n)) => proptest::prop_assert!(n > MAX_PAYLOAD),
+                Err(FrameError::TooShort(n)) => proptest::prop_assert!(n < HEADER_LEN - 4),
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
+        }
+    }
 }

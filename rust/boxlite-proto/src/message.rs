@@ -26,7 +26,7 @@ pub enum Message {
     },
 
     /// Host, once, before any other request: who the box is. Reply: `Done`.
-    Configure(GuestSetup),
+    Configure(Box<GuestSetup>),
     /// Host: are you alive? Reply: `Pong`.
     Ping,
     /// Host: start a process. Events: `Started`, then stdout/stderr data, then `Exited`.
@@ -46,6 +46,18 @@ pub enum Message {
     Metrics,
     /// Host: sync and unmount the disks, reply `Done`, then power the VM off.
     Shutdown,
+    /// Host, before `Configure`, on a VM about to be saved as a template: write back the page
+    /// cache and settle. Reply: `Done`. The agent then waits for the `Configure` that each
+    /// box restored from the template sends.
+    PrepareTemplate,
+
+    /// Host, as the last frame before the VM is saved: reply `Done`, then send nothing more
+    /// until the next `Configure` (which the restored VM gets first). Requests still arriving
+    /// are read and dropped unanswered; output of running commands is dropped for good.
+    Quiesce,
+    /// Host to its box's supervisor: save the VM (memory and devices) into the box's saved
+    /// state, reply `Done`, and exit; the box is then paused.
+    Pause,
 
     /// Host to its box's supervisor (never reaches the guest): the network counters.
     /// Reply: `NetworkReport`.
@@ -79,6 +91,209 @@ pub struct GuestSetup {
     pub time_ms: u64,
     /// Fresh randomness for the guest's entropy pool (mixed in, then the CRNG reseeded).
     pub entropy: Vec<u8>,
+    /// How user commands are confined; absent (an older host) means the safe default.
+    #[serde(default)]
+    pub sandbox: GuestSandbox,
+    /// The box's id (its hostname may be its name).
+    #[serde(default)]
+    pub box_id: String,
+    /// How this VM got here: booted, or restored from a memory image.
+    #[serde(default)]
+    pub after: SetupAfter,
+}
+
+/// What happened to a VM before its `Configure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetupAfter {
+    /// A cold boot: nothing ran before.
+    #[default]
+    Boot,
+    /// Restored from a template another box was made from: the identity is new.
+    Template,
+    /// Resumed from this box's own saved memory: processes carry on.
+    Resume,
+}
+
+/// How the agent confines every user command of the box (the agent itself never is): which
+/// capabilities they keep and whether a seccomp filter like Docker's default profile applies.
+/// Whatever this says, user commands run in the box's own pid, mount and ipc namespaces and
+/// never see the agent or its devices. The default is Docker's: its default capability set
+/// and seccomp on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestSandbox {
+    /// The final capability set, by name (`"CAP_CHOWN"`; case-insensitive, the `CAP_` prefix
+    /// optional, `"ALL"` for every one). A command running as uid 0 gets it as its bounding,
+    /// permitted and effective set; any other uid gets it as its bounding set only (so a
+    /// setuid-root program gets no more). Build it with [`GuestSandbox::from_changes`].
+    pub capabilities: Vec<String>,
+    /// Apply the agent's seccomp filter (see `rust/boxlite-guest/src/seccomp.rs`).
+    pub seccomp: bool,
+    /// Resource limits every user command starts with (soft = hard); `None` keeps the
+    /// kernel's default.
+    pub limits: GuestLimits,
+}
+
+/// Per-process resource limits (`setrlimit`) for a box's commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestLimits {
+    /// `RLIMIT_NOFILE`: open file descriptors.
+    pub open_files: Option<u64>,
+    /// `RLIMIT_FSIZE`: bytes one file may grow to.
+    pub file_size: Option<u64>,
+    /// `RLIMIT_NPROC`: processes of the command's user (in the whole box).
+    pub processes: Option<u64>,
+    /// `RLIMIT_AS`: bytes of address space of one process.
+    pub memory: Option<u64>,
+    /// `RLIMIT_CPU`: seconds of CPU time of one process.
+    pub cpu_time: Option<u64>,
+}
+
+impl Default for GuestSandbox {
+    fn default() -> Self {
+        Self {
+            capabilities: Self::DOCKER_DEFAULT_CAPABILITIES
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
+            seccomp: true,
+            limits: GuestLimits::default(),
+        }
+    }
+}
+
+impl GuestSandbox {
+    /// Docker's default capability set (moby `oci/caps/defaults.go`).
+    pub const DOCKER_DEFAULT_CAPABILITIES: [&'static str; 14] = [
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    ];
+
+    /// Every capability Linux 6.1 knows; the index is its number.
+    pub const CAPABILITIES: [&'static str; 41] = [
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETPCAP",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_BROADCAST",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_IPC_LOCK",
+        "CAP_IPC_OWNER",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_CHROOT",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_PACCT",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_NICE",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG",
+        "CAP_MKNOD",
+        "CAP_LEASE",
+        "CAP_AUDIT_WRITE",
+        "CAP_AUDIT_CONTROL",
+        "CAP_SETFCAP",
+        "CAP_MAC_OVERRIDE",
+        "CAP_MAC_ADMIN",
+        "CAP_SYSLOG",
+        "CAP_WAKE_ALARM",
+        "CAP_BLOCK_SUSPEND",
+        "CAP_AUDIT_READ",
+        "CAP_PERFMON",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
+    ];
+
+    /// The number of capability `name` (case-insensitive, `CAP_` optional); `None` for an
+    /// unknown name and for `ALL`.
+    pub fn capability_number(name: &str) -> Option<u32> {
+        let upper = name.trim().to_ascii_uppercase();
+        let full = if upper.starts_with("CAP_") {
+            upper
+        } else {
+            format!("CAP_{upper}")
+        };
+        Self::CAPABILITIES
+            .iter()
+            .position(|c| *c == full)
+            .map(|i| i as u32)
+    }
+
+    /// The sandbox for Docker-style `--cap-add`/`--cap-drop` lists (the published package's
+    /// `ContainerCapabilities(add, drop)`), with Docker's rule: `ALL` in `add` starts from every
+    /// capability and removes `drop`; `ALL` in `drop` keeps only `add`; otherwise Docker's
+    /// default set plus `add` minus `drop`. Names as in [`GuestSandbox::capabilities`]; an
+    /// unknown name is an error naming it. The result lists canonical names in number order.
+    pub fn from_changes<S: AsRef<str>>(
+        add: &[S],
+        drop: &[S],
+        seccomp: bool,
+    ) -> Result<Self, String> {
+        let parse = |list: &[S]| -> Result<(bool, u64), String> {
+            let mut all = false;
+            let mut mask = 0u64;
+            for name in list {
+                let name = name.as_ref();
+                if name.trim().eq_ignore_ascii_case("ALL") {
+                    all = true;
+                } else {
+                    let n = Self::capability_number(name)
+                        .ok_or_else(|| format!("unknown capability {name:?}"))?;
+                    mask |= 1 << n;
+                }
+            }
+            Ok((all, mask))
+        };
+        let every = (1u64 << Self::CAPABILITIES.len()) - 1;
+        let (add_all, add) = parse(add)?;
+        let (drop_all, drop) = parse(drop)?;
+        let mask = if add_all {
+            every & !drop
+        } else if drop_all {
+            add
+        } else {
+            let default = Self::DOCKER_DEFAULT_CAPABILITIES
+                .iter()
+                .filter_map(|c| Self::capability_number(c))
+                .fold(0u64, |m, n| m | 1 << n);
+            (default | add) & !drop
+        };
+        let capabilities = Self::CAPABILITIES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, c)| c.to_string())
+            .collect();
+        Ok(Self {
+            capabilities,
+            seccomp,
+            limits: GuestLimits::default(),
+        })
+    }
 }
 
 /// A box's network counters, kept by its supervisor.
@@ -189,6 +404,47 @@ mod tests {
         assert_eq!(json, r#"{"type":"signal","signal":9}"#);
         let back: Message = serde_json::from_str(r#"{"type":"pong"}"#).unwrap();
         assert_eq!(back, Message::Pong);
+    }
+
+    #[test]
+    fn a_setup_without_sandbox_gets_the_docker_default() {
+        let json = r#"{"type":"configure","hostname":"h","network":null,"time_ms":1,"entropy":[]}"#;
+        let Message::Configure(setup) = serde_json::from_str(json).unwrap() else {
+            panic!("not a configure message");
+        };
+        assert_eq!(setup.sandbox, GuestSandbox::default());
+        assert!(setup.sandbox.seccomp);
+        assert_eq!(setup.sandbox.capabilities.len(), 14);
+        // Partial objects fill in the rest.
+        let s: GuestSandbox = serde_json::from_str(r#"{"seccomp":false}"#).unwrap();
+        assert_eq!(s.capabilities, GuestSandbox::default().capabilities);
+        assert!(!s.seccomp);
+    }
+
+    #[test]
+    fn capability_names_and_docker_changes() {
+        assert_eq!(GuestSandbox::capability_number("CAP_SYS_ADMIN"), Some(21));
+        assert_eq!(GuestSandbox::capability_number("sys_admin"), Some(21));
+        assert_eq!(GuestSandbox::capability_number("Cap_Bpf"), Some(39));
+        assert_eq!(GuestSandbox::capability_number("ALL"), None);
+        assert_eq!(GuestSandbox::capability_number("FOO"), None);
+        let none: [&str; 0] = [];
+        let d = GuestSandbox::from_changes(&none, &none, true).unwrap();
+        let mut want: Vec<_> = GuestSandbox::DOCKER_DEFAULT_CAPABILITIES.to_vec();
+        want.sort_by_key(|c| GuestSandbox::capability_number(c));
+        assert_eq!(d.capabilities, want);
+        let s = GuestSandbox::from_changes(&["net_admin"], &["CAP_MKNOD", "kill"], false).unwrap();
+        assert!(s.capabilities.contains(&"CAP_NET_ADMIN".to_string()));
+        assert!(!s.capabilities.contains(&"CAP_MKNOD".to_string()));
+        assert!(!s.capabilities.contains(&"CAP_KILL".to_string()));
+        assert_eq!(s.capabilities.len(), 13);
+        assert!(!s.seccomp);
+        let all = GuestSandbox::from_changes(&["ALL"], &["sys_admin"], true).unwrap();
+        assert_eq!(all.capabilities.len(), 40);
+        let only = GuestSandbox::from_changes(&["chown"], &["all"], true).unwrap();
+        assert_eq!(only.capabilities, vec!["CAP_CHOWN"]);
+        let err = GuestSandbox::from_changes(&["FOO"], &none, true).unwrap_err();
+        assert!(err.contains("FOO"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub fn class_name(error: &BoxliteError) -> &'static str {
                 "EngineUnavailableError"
             }
             EngineError::BootTimeout { .. } => "BootTimeoutError",
+            EngineError::Control { .. } => "EngineError",
         },
         BoxliteError::Guest(e) => match e {
             GuestError::ConnectionLost { .. }
@@ -44,7 +45,8 @@ pub fn class_name(error: &BoxliteError) -> &'static str {
         BoxliteError::Storage(e) => match e {
             StorageError::Tool { .. }
             | StorageError::Guest { .. }
-            | StorageError::Damaged { .. } => "StorageError",
+            | StorageError::Damaged { .. }
+            | StorageError::NoSpace { .. } => "StorageError",
         },
         BoxliteError::Network(e) => match e {
             NetworkError::PortInUse { .. } => "PortInUseError",
@@ -140,6 +142,10 @@ pub fn examples() -> Vec<BoxliteError> {
             console_tail: "[    0.0] Linux".into(),
         }
         .into(),
+        EngineError::Control {
+            reason: "migration failed: Size mismatch".into(),
+        }
+        .into(),
         GuestError::ConnectionLost {
             reason: "the VM died".into(),
         }
@@ -168,6 +174,10 @@ pub fn examples() -> Vec<BoxliteError> {
         StorageError::Guest {
             context: "mounting".into(),
             reason: "bad superblock".into(),
+        }
+        .into(),
+        StorageError::NoSpace {
+            context: "writing a disk".into(),
         }
         .into(),
         StorageError::Damaged {

@@ -72,6 +72,7 @@ impl NativeImages {
             Ok(GcReport {
                 blobs_removed: report.blobs_removed,
                 disks_removed: report.disks_removed,
+                templates_removed: report.templates_removed,
                 bytes_freed: report.bytes_freed,
             })
         })

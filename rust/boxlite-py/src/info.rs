@@ -164,6 +164,8 @@ pub struct ImageInfo {
     pub os: String,
     pub created: Option<String>,
     pub pulled_at: Option<f64>,
+    /// Memory templates in service for this image (one per box shape).
+    pub templates: usize,
     pub env: Vec<(String, String)>,
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
@@ -192,6 +194,7 @@ impl From<boxlite::images::ImageInfo> for ImageInfo {
                 .pulled_at
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs_f64()),
+            templates: info.templates,
             env: config.env,
             entrypoint: config.entrypoint,
             cmd: config.cmd,
@@ -275,6 +278,7 @@ impl PullProgress {
 pub struct GcReport {
     pub blobs_removed: usize,
     pub disks_removed: usize,
+    pub templates_removed: usize,
     pub bytes_freed: u64,
 }
 
@@ -282,8 +286,8 @@ pub struct GcReport {
 impl GcReport {
     fn __repr__(&self) -> String {
         format!(
-            "GcReport(blobs_removed={}, disks_removed={}, bytes_freed={})",
-            self.blobs_removed, self.disks_removed, self.bytes_freed
+            "GcReport(blobs_removed={}, disks_removed={}, templates_removed={}, bytes_freed={})",
+            self.blobs_removed, self.disks_removed, self.templates_removed, self.bytes_freed
         )
     }
 }

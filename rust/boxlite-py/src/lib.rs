@@ -4,6 +4,7 @@
 //! loop is blocked; blocking calls release the GIL. Options and records are native classes:
 //! the Python package re-exports them and adds idioms, never rules.
 
+mod advanced;
 mod drain;
 mod errors;
 mod exec;
@@ -69,6 +70,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<options::BoxOptions>()?;
     m.add_class::<options::CopyOptions>()?;
     m.add_class::<network::NetworkSpec>()?;
+    m.add_class::<advanced::AdvancedBoxOptions>()?;
+    m.add_class::<advanced::SecurityOptions>()?;
+    m.add_class::<advanced::ContainerCapabilities>()?;
+    m.add_class::<advanced::HealthCheckOptions>()?;
     m.add_class::<network::OutboundNetworkSpec>()?;
     m.add_class::<network::InboundNetworkSpec>()?;
     m.add_class::<network::NetworkInfo>()?;

@@ -79,6 +79,7 @@ pub struct BoxMetrics {
     stage_box_config_ms: Option<u128>,
     stage_box_spawn_ms: Option<u128>,
     stage_container_init_ms: Option<u128>,
+    started_from_template: bool,
 }
 
 impl From<boxlite::BoxMetrics> for BoxMetrics {
@@ -104,6 +105,7 @@ impl From<boxlite::BoxMetrics> for BoxMetrics {
             stage_box_config_ms: m.stage_box_config_ms,
             stage_box_spawn_ms: m.stage_box_spawn_ms,
             stage_container_init_ms: m.stage_container_init_ms,
+            started_from_template: m.started_from_template,
         }
     }
 }

@@ -200,19 +200,23 @@ pub struct Options {
     pub image_registries: Vec<CoreRegistry>,
     pub boot_timeout: Option<Seconds>,
     pub stop_timeout: Option<Seconds>,
+    /// `None`: the core's default (on unless `BOXLITE_TEMPLATES=0`).
+    pub templates: Option<bool>,
 }
 
 #[pymethods]
 impl Options {
     #[new]
-    #[pyo3(signature = (home_dir=None, image_registries=None, boot_timeout=None, stop_timeout=None))]
+    #[pyo3(signature = (home_dir=None, image_registries=None, boot_timeout=None, stop_timeout=None, templates=None))]
     fn new(
         home_dir: Option<PathBuf>,
         image_registries: Option<&Bound<'_, PyAny>>,
         boot_timeout: Option<f64>,
         stop_timeout: Option<f64>,
+        templates: Option<bool>,
     ) -> PyResult<Self> {
         Ok(Self {
+            templates,
             home_dir,
             image_registries: registries(image_registries)?,
             boot_timeout: boot_timeout
@@ -255,6 +259,16 @@ impl Options {
     fn stop_timeout(&self) -> Option<f64> {
         self.stop_timeout.map(Seconds::as_secs_f64)
     }
+    /// Whether new boxes may start from memory templates (`None`: the default, on unless
+    /// `BOXLITE_TEMPLATES=0`).
+    #[getter]
+    fn templates(&self) -> Option<bool> {
+        self.templates
+    }
+    #[setter]
+    fn set_templates(&mut self, value: Option<bool>) {
+        self.templates = value;
+    }
 
     fn __repr__(&self) -> String {
         format!(
@@ -285,7 +299,7 @@ pub struct BoxOptions {
     network: Option<PyObject>,
     ports: Option<PyObject>,
     auto_stop: Option<PyObject>,
-    advanced: Option<PyObject>,
+    advanced: Option<Py<crate::advanced::AdvancedBoxOptions>>,
     secrets: Option<PyObject>,
 }
 
@@ -314,7 +328,7 @@ impl BoxOptions {
         cmd: Option<&Bound<'_, PyAny>>,
         user: Option<String>,
         tty: Option<bool>,
-        advanced: Option<PyObject>,
+        advanced: Option<Py<crate::advanced::AdvancedBoxOptions>>,
         secrets: Option<PyObject>,
         name: Option<String>,
     ) -> PyResult<Self> {
@@ -338,6 +352,7 @@ impl BoxOptions {
             // Converted from their Python forms when the options are used (`to_core`).
             network: defaults.network.clone(),
             ports: Vec::new(),
+            sandbox: defaults.sandbox.clone(),
             // The published rule: `auto_delete` wins over `auto_remove`; 0 keeps the box.
             auto_remove: match (auto_delete, auto_remove) {
                 (Some(seconds), _) => seconds > 0,
@@ -522,7 +537,7 @@ impl BoxOptions {
         self.network.as_ref().map(|n| n.clone_ref(py))
     }
     #[getter]
-    fn advanced(&self, py: Python<'_>) -> Option<PyObject> {
+    fn advanced(&self, py: Python<'_>) -> Option<Py<crate::advanced::AdvancedBoxOptions>> {
         self.advanced.as_ref().map(|a| a.clone_ref(py))
     }
     #[getter]
@@ -564,11 +579,7 @@ fn list_or_empty(py: Python<'_>, value: &Option<PyObject>) -> PyObject {
 impl BoxOptions {
     /// The core's options, refusing what this version does not have yet.
     pub fn to_core(&self, py: Python<'_>) -> PyResult<boxlite::BoxOptions> {
-        let unsupported = [
-            ("volumes", &self.volumes),
-            ("secrets", &self.secrets),
-            ("advanced", &self.advanced),
-        ];
+        let unsupported = [("volumes", &self.volumes), ("secrets", &self.secrets)];
         for (field, value) in unsupported {
             if is_set(value, py) {
                 return Err(crate::errors::to_py_err(BoxliteError::Unsupported(
@@ -586,6 +597,9 @@ impl BoxOptions {
             )));
         }
         let mut core = self.inner.clone();
+        if let Some(advanced) = &self.advanced {
+            core.sandbox = advanced.borrow(py).sandbox()?;
+        }
         if let Some(network) = self
             .network
             .as_ref()

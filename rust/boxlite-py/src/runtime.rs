@@ -41,6 +41,9 @@ impl Runtime {
         if let Some(t) = options.stop_timeout {
             core.stop_timeout = t;
         }
+        if let Some(templates) = options.templates {
+            core.templates = templates;
+        }
         // Opening the home may wait on another process's database lock.
         Ok(Self(
             py.allow_threads(|| boxlite::BoxliteRuntime::new(core))
@@ -229,25 +232,37 @@ impl NativeBox {
         })
     }
 
-    #[pyo3(signature = (box_path, host_path, options=None))]
+    #[pyo3(signature = (box_path, host_path, options=None, max_bytes=None))]
     fn copy_out<'py>(
         &self,
         py: Python<'py>,
         box_path: String,
         host_path: PathBuf,
         options: Option<CopyOptions>,
+        max_bytes: Option<i64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let litebox = self.0.clone();
         let options = options.map(|o| o.0).unwrap_or_default();
+        let max_bytes = byte_limit(max_bytes)?;
         future_into_py(py, async move {
-            litebox.copy_out(&box_path, &host_path, options).await.py()
+            litebox
+                .copy_out(&box_path, &host_path, options, max_bytes)
+                .await
+                .py()
         })
     }
 
-    fn read_file<'py>(&self, py: Python<'py>, path: String) -> PyResult<Bound<'py, PyAny>> {
+    #[pyo3(signature = (path, max_bytes=None))]
+    fn read_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: String,
+        max_bytes: Option<i64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let litebox = self.0.clone();
+        let max_bytes = byte_limit(max_bytes)?;
         future_into_py(py, async move {
-            let data = litebox.read_file(&path).await.py()?;
+            let data = litebox.read_file(&path, max_bytes).await.py()?;
             Ok(crate::exec::PyBytesOut(data))
         })
     }
@@ -288,4 +303,35 @@ impl NativeBox {
             Ok(BoxMetrics::from(litebox.metrics().await.py()?))
         })
     }
+
+    fn pause<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move { litebox.pause().await.py() })
+    }
+
+    fn resume<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(py, async move { litebox.resume().await.py() })
+    }
+
+    #[pyo3(signature = (name=None))]
+    fn fork<'py>(&self, py: Python<'py>, name: Option<String>) -> PyResult<Bound<'py, PyAny>> {
+        let litebox = self.0.clone();
+        future_into_py(
+            py,
+            async move { Ok(NativeBox(litebox.fork(name).await.py()?)) },
+        )
+    }
+}
+
+/// A `max_bytes` argument: `None` (the core's default) or a size of zero or more bytes.
+fn byte_limit(max_bytes: Option<i64>) -> PyResult<Option<u64>> {
+    max_bytes
+        .map(|n| {
+            u64::try_from(n).map_err(|_| {
+                boxlite::BoxliteError::invalid("max_bytes", format!("{n} is not a size in bytes"))
+            })
+        })
+        .transpose()
+        .py()
 }

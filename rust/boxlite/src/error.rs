@@ -105,6 +105,11 @@ pub enum EngineError {
         console_tail: String,
     },
 
+    /// The engine's control channel failed: a state did not save or load, a command was
+    /// refused.
+    #[error("the VM engine's control channel failed: {reason}")]
+    Control { reason: String },
+
     /// The engine process ended while the guest was booting.
     #[error("the VM engine exited during boot ({status}); console:\n{console_tail}\ncheck the engine's output above and the guest bundle (`make guest`)")]
     ExitedDuringBoot {
@@ -155,6 +160,10 @@ pub enum StorageError {
     /// The guest could not use its disk (mount, grow, or a write the guest reported failing).
     #[error("{context}: {reason}")]
     Guest { context: String, reason: String },
+
+    /// The filesystem holding the home is full.
+    #[error("no space left on the device ({context}); free some space or use a home on a larger filesystem")]
+    NoSpace { context: String },
 
     /// Something on disk is not what boxlite wrote there.
     #[error("{path} is damaged: {reason}")]
@@ -219,8 +228,15 @@ impl BoxliteError {
         .into()
     }
 
-    /// Wraps an I/O error with what we were doing when it happened.
+    /// Wraps an I/O error with what we were doing when it happened; a full filesystem is a
+    /// storage error of its own.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return StorageError::NoSpace {
+                context: context.into(),
+            }
+            .into();
+        }
         Self::Io {
             context: context.into(),
             source,
@@ -283,6 +299,7 @@ impl BoxliteError {
                 EngineError::Unavailable { .. } | EngineError::ExitedDuringBoot { .. },
             ) => "engine_unavailable",
             Self::Engine(EngineError::BootTimeout { .. }) => "boot_timeout",
+            Self::Engine(EngineError::Control { .. }) => "engine_control",
             Self::Guest(_) => "guest_protocol",
             Self::Exec(ExecError::StartFailed { .. }) => "exec_start_failed",
             Self::Exec(ExecError::Timeout { .. }) => "exec_timeout",
@@ -346,6 +363,13 @@ mod tests {
             name: "web".into(),
         };
         assert_eq!(e.to_string(), "a box named \"web\" already exists");
+    }
+
+    #[test]
+    fn a_full_filesystem_is_a_storage_error() {
+        let err = BoxliteError::io("writing x", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(err.kind(), "storage");
+        assert!(err.to_string().contains("no space left"), "{err}");
     }
 
     #[test]

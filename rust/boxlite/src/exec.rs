@@ -3,15 +3,24 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use boxlite_proto::{ExitStatus, Message, StreamId, TtySize};
+use boxlite_proto::{ExitStatus, Message, StreamId, TtySize, MAX_PAYLOAD};
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::{Channel, ChannelEvent, ChannelHandle};
+use crate::agent::{bounded, Channel, ChannelEvent, ChannelHandle, MESSAGE_LIMIT, REQUEST_TIMEOUT};
 use crate::error::{BoxliteError, BoxliteResult, ExecError};
 use crate::metrics::{BoxCounters, RuntimeMetrics};
 use crate::options::{validate_box_path, validate_env};
 use crate::units::Seconds;
+
+/// How long after its own timeout the host waits for a command's end before it gives up on the
+/// guest: it then kills the command itself and `wait` fails with `ExecTimeout`. The guest
+/// enforces the timeout; this bounds a guest that does not. Documented in docs/python.md.
+pub const EXEC_TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+
+/// Characters of a command line quoted in messages; a longer one is cut and ends with `...`.
+pub const DISPLAY_LIMIT: usize = 200;
 
 /// A command to run in a box.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,15 +113,47 @@ impl BoxCommand {
         if self.timeout == Some(Seconds::from_millis(0)) {
             return Err(BoxliteError::invalid("timeout", "must be more than zero"));
         }
-        Ok(())
+        self.check_size()
     }
 
-    /// `program args...` for messages.
+    /// A command line and environment that cannot fit in one request frame is refused before
+    /// anything is sent (and before a stopped box is started for it). The exact check, with the
+    /// image's and the box's environment merged in, is made when the request is sent.
+    fn check_size(&self) -> BoxliteResult<()> {
+        let argv: usize = self.program.len() + self.args.iter().map(String::len).sum::<usize>();
+        let env: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if argv + env <= MAX_PAYLOAD {
+            return Ok(());
+        }
+        let field = if env > argv { "env" } else { "args" };
+        Err(BoxliteError::invalid(
+            field,
+            format!(
+                "the command's arguments and environment are {} bytes, over the {MAX_PAYLOAD}-byte \
+                 (1 MiB) limit of one request; pass large data through stdin or a file \
+                 (write_file, copy_in)",
+                argv + env
+            ),
+        ))
+    }
+
+    /// `program args...` for messages, cut to [`DISPLAY_LIMIT`] characters (`...` at the end
+    /// when cut): a huge command line is never quoted whole.
     pub fn display(&self) -> String {
-        std::iter::once(self.program.as_str())
-            .chain(self.args.iter().map(String::as_str))
-            .collect::<Vec<_>>()
-            .join(" ")
+        let mut shown = String::new();
+        for (i, word) in std::iter::once(&self.program)
+            .chain(self.args.iter())
+            .enumerate()
+        {
+            if i > 0 {
+                shown.push(' ');
+            }
+            shown.push_str(word);
+            if shown.len() > 4 * DISPLAY_LIMIT {
+                break;
+            }
+        }
+        bounded(&shown, DISPLAY_LIMIT)
     }
 }
 
@@ -180,7 +221,8 @@ impl Drop for AbortOnDrop {
 }
 
 impl Execution {
-    /// Sends the request on `channel` and waits until the guest has started the process.
+    /// Sends the request on `channel` and waits until the guest has started the process (at
+    /// most [`REQUEST_TIMEOUT`]).
     pub(crate) async fn start(
         mut channel: Channel,
         command: &BoxCommand,
@@ -189,7 +231,17 @@ impl Execution {
         counters.of_box.commands_run.fetch_add(1, Relaxed);
         counters.runtime.command_run();
         let shown = command.display();
-        let event = channel.recv().await.inspect_err(|_| counters.error())?;
+        let event = match channel.recv_within(REQUEST_TIMEOUT, "exec").await {
+            Ok(event) => event,
+            Err(e) => {
+                counters.error();
+                // It may still start late: make sure it does not run unobserved.
+                let _ = channel.handle.send_message(Message::Signal {
+                    signal: libc::SIGKILL,
+                });
+                return Err(e);
+            }
+        };
         let pid = match event {
             ChannelEvent::Message(Message::Started { pid }) => pid,
             ChannelEvent::Message(Message::Error { kind, message }) => {
@@ -207,12 +259,16 @@ impl Execution {
         let (stdout_tx, stdout_rx) = mpsc::unbounded_channel();
         let (stderr_tx, stderr_rx) = mpsc::unbounded_channel();
         let (exit_tx, exit_rx) = watch::channel(None);
+        let deadline = command
+            .timeout
+            .map(|t| tokio::time::Instant::now() + t.as_duration() + EXEC_TIMEOUT_GRACE);
         let pump = tokio::spawn(pump(
             channel,
             stdout_tx,
             stderr_tx,
             exit_tx,
             counters.of_box.clone(),
+            deadline,
         ));
         let stream = |rx, stream| OutputStream {
             rx,
@@ -342,6 +398,8 @@ impl Execution {
 
 fn start_error(command: &str, kind: boxlite_proto::ErrorKind, message: String) -> BoxliteError {
     use boxlite_proto::ErrorKind as K;
+    // The guest's message may quote the program; keep it readable.
+    let message = bounded(&message, MESSAGE_LIMIT);
     match kind {
         K::InvalidArgument => BoxliteError::invalid("exec", message),
         K::NotFound | K::SpawnFailed | K::Io | K::Unsupported => {
@@ -364,18 +422,37 @@ async fn collect(stream: Option<OutputStream>) -> Vec<u8> {
     out
 }
 
-/// Routes an execution's frames: output to its streams, the final status to `exit`.
+/// Routes an execution's frames: output to its streams, the final status to `exit`. Past
+/// `deadline` (the command's timeout plus [`EXEC_TIMEOUT_GRACE`]) the host stops waiting for
+/// the guest: it kills the command and reports the timeout itself.
 async fn pump(
     mut channel: Channel,
     stdout: mpsc::UnboundedSender<Vec<u8>>,
     stderr: mpsc::UnboundedSender<Vec<u8>>,
     exit: watch::Sender<Option<Result<ExitStatus, String>>>,
     counters: Arc<BoxCounters>,
+    deadline: Option<tokio::time::Instant>,
 ) {
     let mut stdout = Some(stdout);
     let mut stderr = Some(stderr);
     let outcome = loop {
-        match channel.recv().await {
+        let event = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, channel.recv()).await {
+                Ok(event) => event,
+                Err(_) => {
+                    let _ = channel.handle.send_message(Message::Signal {
+                        signal: libc::SIGKILL,
+                    });
+                    break Ok(ExitStatus {
+                        code: None,
+                        signal: Some(libc::SIGKILL),
+                        timed_out: true,
+                    });
+                }
+            },
+            None => channel.recv().await,
+        };
+        match event {
             Ok(ChannelEvent::Data(stream, data)) => {
                 counters
                     .bytes_received
@@ -395,7 +472,9 @@ async fn pump(
             Ok(ChannelEvent::Eof(StreamId::Stdout)) => stdout = None,
             Ok(ChannelEvent::Eof(_)) => stderr = None,
             Ok(ChannelEvent::Message(Message::Exited(status))) => break Ok(status),
-            Ok(ChannelEvent::Message(Message::Error { message, .. })) => break Err(message),
+            Ok(ChannelEvent::Message(Message::Error { message, .. })) => {
+                break Err(bounded(&message, MESSAGE_LIMIT))
+            }
             Ok(ChannelEvent::Message(_)) => {}
             Err(e) => break Err(e.to_string()),
         }
@@ -507,5 +586,42 @@ mod tests {
             BoxCommand::new("echo").args(["a", "b"]).display(),
             "echo a b"
         );
+    }
+
+    #[test]
+    fn a_huge_command_line_is_quoted_as_a_bounded_prefix() {
+        let huge = BoxCommand::new("echo").args(["a".repeat(1 << 20)]);
+        let shown = huge.display();
+        assert_eq!(shown.chars().count(), DISPLAY_LIMIT + 3);
+        assert!(shown.starts_with("echo aaa") && shown.ends_with("..."));
+        let many = BoxCommand::new("echo").args(vec!["ab"; 100_000]);
+        assert_eq!(many.display().chars().count(), DISPLAY_LIMIT + 3);
+    }
+
+    #[test]
+    fn a_command_over_the_frame_cap_is_refused_naming_the_limit() {
+        for (command, field) in [
+            (BoxCommand::new("echo").args(["a".repeat(1 << 20)]), "args"),
+            (
+                BoxCommand::new("env").env("BIG", "v".repeat(1 << 20)),
+                "env",
+            ),
+        ] {
+            match command.validate() {
+                Err(BoxliteError::InvalidArgument { field: f, reason }) => {
+                    assert_eq!(f, field);
+                    assert!(reason.contains("1048576-byte (1 MiB) limit"), "{reason}");
+                    assert!(
+                        reason.len() < 400,
+                        "the message quotes the argument: {reason}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        BoxCommand::new("echo")
+            .args(["a".repeat(1 << 19)])
+            .validate()
+            .unwrap();
     }
 }

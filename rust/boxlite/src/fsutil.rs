@@ -92,6 +92,28 @@ impl FileLock {
         }
     }
 
+    /// Takes the lock if it is free now; `None` while another holds it.
+    pub fn try_acquire(path: &Path, mode: LockMode) -> BoxliteResult<Option<Self>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .ctx(|| format!("opening lock {}", path.display()))?;
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), mode.op() | libc::LOCK_NB) } == 0 {
+                return Ok(Some(Self { _file: file }));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(BoxliteError::io(format!("locking {}", path.display()), e)),
+            }
+        }
+    }
+
     /// Like `acquire_blocking`, waiting off the async threads.
     pub async fn acquire(path: PathBuf, mode: LockMode) -> BoxliteResult<Self> {
         tokio::task::spawn_blocking(move || Self::acquire_blocking(&path, mode))

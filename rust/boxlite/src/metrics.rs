@@ -101,8 +101,12 @@ pub struct BoxMetrics {
     pub stage_box_config_ms: Option<u128>,
     /// Stage 5: the engine process spawned.
     pub stage_box_spawn_ms: Option<u128>,
-    /// Stage 6: from spawn to the guest agent ready.
+    /// Stage 6: from spawn to the guest agent ready. For a box started from a template: the
+    /// template's state loaded and the guest configured (no kernel boot, module loading, root
+    /// mount or filesystem growth happen).
     pub stage_container_init_ms: Option<u128>,
+    /// The box's last start loaded a template instead of booting a kernel.
+    pub started_from_template: bool,
 }
 
 /// The live counters behind [`BoxMetrics`], updated by the box's executions.
@@ -125,6 +129,7 @@ pub(crate) struct StageTimings {
     pub container_init_ms: Option<u128>,
     pub total_create_ms: Option<u128>,
     pub guest_boot_ms: Option<u128>,
+    pub from_template: bool,
 }
 
 impl BoxCounters {
@@ -142,6 +147,7 @@ impl BoxCounters {
             stage_box_config_ms: stages.box_config_ms,
             stage_box_spawn_ms: stages.box_spawn_ms,
             stage_container_init_ms: stages.container_init_ms,
+            started_from_template: stages.from_template,
             ..BoxMetrics::default()
         }
     }

@@ -28,6 +28,14 @@ pub struct BoxliteOptions {
     /// (before Docker Hub). Merged with `$BOXLITE_REGISTRIES` and `<home>/registries.json`.
     #[serde(default)]
     pub image_registries: Vec<crate::images::ImageRegistry>,
+    /// Start new boxes from memory templates when one fits (made in the background after the
+    /// first box of each image and shape). Default: on, unless `BOXLITE_TEMPLATES=0`.
+    #[serde(default = "templates_default")]
+    pub templates: bool,
+}
+
+fn templates_default() -> bool {
+    std::env::var("BOXLITE_TEMPLATES").map_or(true, |v| v != "0")
 }
 
 impl BoxliteOptions {
@@ -51,6 +59,7 @@ impl Default for BoxliteOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             image_registries: Vec::new(),
+            templates: templates_default(),
         }
     }
 }
@@ -101,6 +110,10 @@ pub struct BoxOptions {
     /// Guest TCP ports published on the host.
     #[serde(default)]
     pub ports: Vec<PortSpec>,
+    /// How the box's commands are confined inside the guest (capabilities, seccomp);
+    /// Docker's defaults unless the caller changes them.
+    #[serde(default)]
+    pub sandbox: boxlite_proto::GuestSandbox,
     /// Remove the box (disk and record) when it stops.
     pub auto_remove: bool,
     /// Keep the VM running after the creating process exits; any process with the same
@@ -126,6 +139,7 @@ impl Default for BoxOptions {
             tty: false,
             network: NetworkOptions::default(),
             ports: Vec::new(),
+            sandbox: Default::default(),
             auto_remove: true,
             detach: false,
         }
@@ -414,7 +428,7 @@ pub(crate) fn validate_env(field: &str, env: &[(String, String)]) -> BoxliteResu
     Ok(())
 }
 
-fn validate_name(name: &str) -> BoxliteResult<()> {
+pub(crate) fn validate_name(name: &str) -> BoxliteResult<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
     let valid = !name.is_empty()
         && name.len() <= 64

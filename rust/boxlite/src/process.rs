@@ -90,51 +90,82 @@ impl GuardedChild {
             .map_err(|_| BoxliteError::Internal("spawner thread dropped the request".into()))?
             .map_err(|e| BoxliteError::io(format!("starting {program}"), e))?;
 
-        let log = std::sync::Arc::new(Mutex::new(BoundedLog::new(
-            options.log_path.clone(),
-            options.log_limit,
-        )));
         let stdout = child.stdout.take();
         let (captured, logged_stdout) = if options.capture_stdout {
             (stdout, None)
         } else {
             (None, stdout)
         };
-        let outputs = [
-            logged_stdout.map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ];
-        for output in outputs.into_iter().flatten() {
-            let log = log.clone();
-            std::thread::Builder::new()
-                .name("boxlite-console".into())
-                .spawn(move || copy_to_log(output, &log))
-                .map_err(|e| BoxliteError::io("starting a console thread", e))?;
-        }
-
+        log_outputs(
+            options,
+            [
+                logged_stdout.map(|s| Box::new(s) as Box<dyn Read + Send>),
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            ],
+        )?;
         let pid = child.id();
-        let (exit_tx, exit_rx) = watch::channel(None);
-        std::thread::Builder::new()
-            .name("boxlite-waiter".into())
-            .spawn(move || {
-                let description = match child.wait() {
-                    Ok(status) => ExitDescription(status.to_string()),
-                    Err(e) => ExitDescription(format!("wait failed: {e}")),
-                };
-                let _ = exit_tx.send(Some(description));
-            })
-            .map_err(|e| BoxliteError::io("starting a waiter thread", e))?;
+        let exit = watch_exit(move || match child.wait() {
+            Ok(status) => ExitDescription(status.to_string()),
+            Err(e) => ExitDescription(format!("wait failed: {e}")),
+        })?;
         Ok((
             Self {
                 pid,
-                exit: exit_rx,
+                exit,
                 kill_on_drop: die_with_parent,
             },
             captured,
         ))
+    }
+
+    /// Spawns `program args...` confined by `spec` (see `boxlite-jail`): its stdout and
+    /// stderr go to the log; it dies with this process and with the handle.
+    pub fn spawn_jailed(
+        spec: &boxlite_jail::JailSpec,
+        program: &Path,
+        args: &[std::ffi::OsString],
+        options: &ChildOptions,
+    ) -> BoxliteResult<Self> {
+        let stdio = boxlite_jail::JailStdio {
+            stdin: boxlite_jail::Stdio::Null,
+            stdout: boxlite_jail::Stdio::Piped,
+            stderr: boxlite_jail::Stdio::Piped,
+        };
+        let mut child = boxlite_jail::spawn(spec, program, args, stdio).map_err(|e| {
+            crate::error::EngineError::Unavailable {
+                reason: format!("cannot start {} in its jail: {e}", program.display()),
+                hint: "see docs/security.md (BOXLITE_JAIL=0 runs the engine unconfined)".into(),
+            }
+        })?;
+        if let boxlite_jail::CgroupOutcome::Skipped(reason) = child.cgroup() {
+            tracing::debug!(%reason, "engine cgroup limits not applied");
+        }
+        log_outputs(
+            options,
+            [
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            ],
+        )?;
+        let pid = child.pid();
+        let exit = watch_exit(move || match child.wait() {
+            Ok(status) => ExitDescription(status.to_string()),
+            Err(e) => ExitDescription(format!("wait failed: {e}")),
+        })?;
+        Ok(Self {
+            pid,
+            exit,
+            kill_on_drop: spec.die_with_parent,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -185,6 +216,39 @@ impl Drop for GuardedChild {
             self.kill();
         }
     }
+}
+
+/// Copies each output into the child's bounded log, one thread each.
+fn log_outputs(
+    options: &ChildOptions,
+    outputs: [Option<Box<dyn Read + Send>>; 2],
+) -> BoxliteResult<()> {
+    let log = std::sync::Arc::new(Mutex::new(BoundedLog::new(
+        options.log_path.clone(),
+        options.log_limit,
+    )));
+    for output in outputs.into_iter().flatten() {
+        let log = log.clone();
+        std::thread::Builder::new()
+            .name("boxlite-console".into())
+            .spawn(move || copy_to_log(output, &log))
+            .map_err(|e| BoxliteError::io("starting a console thread", e))?;
+    }
+    Ok(())
+}
+
+/// Runs `wait` on a thread of its own and publishes how the child ended.
+fn watch_exit(
+    wait: impl FnOnce() -> ExitDescription + Send + 'static,
+) -> BoxliteResult<watch::Receiver<Option<ExitDescription>>> {
+    let (exit_tx, exit_rx) = watch::channel(None);
+    std::thread::Builder::new()
+        .name("boxlite-waiter".into())
+        .spawn(move || {
+            let _ = exit_tx.send(Some(wait()));
+        })
+        .map_err(|e| BoxliteError::io("starting a waiter thread", e))?;
+    Ok(exit_rx)
 }
 
 fn copy_to_log(mut from: Box<dyn Read + Send>, log: &Mutex<BoundedLog>) {

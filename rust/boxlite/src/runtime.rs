@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
-use crate::disks::{create_overlay, BaseDiskStore};
+use crate::disks::{create_clone_overlay, create_overlay, BaseDiskStore};
 use crate::error::{task_failed, BoxliteError, BoxliteResult, IoContext};
 use crate::fsutil::{FileLock, LockMode};
 use crate::ids::BoxID;
@@ -15,8 +15,10 @@ use crate::images::{ImageConfig, ImageManager, OciLayout};
 use crate::litebox::{BoxInfo, BoxInner, BoxStatus, Connection, Event, LiteBox};
 use crate::metrics::{RuntimeMetrics, StageTimings};
 use crate::options::{BoxOptions, BoxliteOptions};
+use crate::shim::template::TemplateJob;
 use crate::state::{now_ms, BoxRecord, ProcessId, StateStore};
-use crate::vm::{socket_path, VmEnv};
+use crate::templates::{Template, Templates};
+use crate::vm::{socket_dir, VmEnv};
 use crate::vmm::{accel, qemu::QemuEngine, Accel, AccelChoice, GuestBundle};
 
 /// The entry point: makes boxes and finds them again. Clones share one runtime; several
@@ -41,6 +43,17 @@ pub(crate) struct RuntimeShared {
     /// Connections to the boxes this runtime started without `detach`: they run until it
     /// closes (or this process ends), whether or not a handle is kept.
     owned: Mutex<HashMap<BoxID, Arc<Connection>>>,
+    /// Memory templates; `None` when turned off.
+    pub templates: Option<Templates>,
+}
+
+/// What a new box's first start does about templates.
+#[derive(Debug)]
+pub(crate) enum TemplatePlan {
+    /// Start from this template.
+    Use(Box<Template>),
+    /// Boot cold, then make the template for the next box of this key.
+    Make(Box<TemplateJob>),
 }
 
 impl RuntimeShared {
@@ -55,16 +68,70 @@ impl RuntimeShared {
                 let choice = accel::choose()?;
                 Ok::<_, BoxliteError>(VmEnv {
                     qemu: engine.binary().to_path_buf(),
-                    engine: Arc::new(engine),
                     bundle,
                     shim,
                     accel: choice.accel,
                     boot_timeout: self.options.boot_timeout,
-                    stop_timeout: self.options.stop_timeout,
                 })
             })
             .await
             .cloned()
+    }
+
+    /// What a new box of this shape may start from. Templates only make boxes start faster,
+    /// so a failure here is logged and the box boots cold.
+    async fn template_plan(
+        &self,
+        litebox: &LiteBox,
+        image: &str,
+        base_disk: &Path,
+    ) -> Option<TemplatePlan> {
+        let templates = self.templates.as_ref()?;
+        let env = self.vm_env().await.ok()?;
+        let vm = litebox.vm_config(&env).ok()?;
+        let base_size = std::fs::metadata(base_disk).ok()?.len();
+        let disk_size = litebox
+            .options()
+            .disk_size
+            .map_or(base_size, |size| size.as_u64().max(base_size));
+        let inputs = {
+            let (env, vm, image, base_disk) = (
+                env.clone(),
+                vm.clone(),
+                image.to_string(),
+                base_disk.to_path_buf(),
+            );
+            let templates_root = templates.store().root().to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                Templates::key_inputs(&templates_root, &env, &vm, &image, &base_disk, disk_size)
+            })
+            .await
+            .ok()?
+        };
+        let inputs = match inputs {
+            Ok(inputs) => inputs,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot compute the template key; booting cold");
+                return None;
+            }
+        };
+        match templates.usable(&inputs.key()) {
+            Some(template) => Some(TemplatePlan::Use(Box::new(template))),
+            None => Some(TemplatePlan::Make(Box::new(TemplateJob {
+                qemu: env.qemu.clone(),
+                home: self.options.home_dir.clone(),
+                inputs,
+                vm,
+                boot_timeout: env.boot_timeout,
+            }))),
+        }
+    }
+
+    /// Takes a template out of service (it failed to start a box).
+    pub fn retire_template(&self, key: &str) {
+        if let Some(templates) = &self.templates {
+            templates.retire(key);
+        }
     }
 
     /// The accelerator boxes of this runtime use (TCG if it cannot be determined).
@@ -118,9 +185,14 @@ impl RuntimeShared {
         self.options.home_dir.join("boxes").join(id.to_string())
     }
 
+    /// Where a box's sockets live (its directory unless that path is too long).
+    pub fn socket_dir(&self, id: &BoxID) -> BoxliteResult<PathBuf> {
+        socket_dir(&self.box_dir(id), &id.to_string())
+    }
+
     /// Where a box's supervisor listens.
     pub fn shim_socket(&self, id: &BoxID) -> BoxliteResult<PathBuf> {
-        socket_path(self.box_dir(id).join("shim.sock"), &id.to_string())
+        Ok(self.socket_dir(id)?.join("shim.sock"))
     }
 
     /// Brings a record's status in line with what is really running: a supervisor that died
@@ -140,8 +212,12 @@ impl RuntimeShared {
             });
         }
         let supervisor_alive = record.shim.is_some_and(|s| s.is_alive());
+        // The engine dies first; its supervisor follows a moment later.
+        let engine_dead = record
+            .engine_pid
+            .is_some_and(|pid| crate::sys::process_start(pid).is_none_or(|(_, zombie)| zombie));
         let gone = match record.status {
-            BoxStatus::Running | BoxStatus::Stopping => !supervisor_alive,
+            BoxStatus::Running | BoxStatus::Stopping => !supervisor_alive || engine_dead,
             BoxStatus::Starting => !lock_held(),
             _ => false,
         };
@@ -149,7 +225,8 @@ impl RuntimeShared {
             return Ok(record);
         }
         if let Some(shim) = record.shim.filter(|_| supervisor_alive) {
-            // A start whose starter died: its detached supervisor has no one to serve.
+            // A start whose starter died (its detached supervisor has no one to serve), or a
+            // supervisor about to follow its dead engine.
             kill_now(shim);
         }
         let reported = match record.shim {
@@ -219,6 +296,11 @@ impl BoxliteRuntime {
         let images = ImageManager::open(home, &options.image_registries)?;
         let store = StateStore::open(home)?;
         let boot_slots = Semaphore::new(options.max_concurrent_boots.max(1));
+        let templates = if options.templates {
+            Some(Templates::open(home)?)
+        } else {
+            None
+        };
         let runtime = Self {
             shared: Arc::new(RuntimeShared {
                 options,
@@ -230,6 +312,7 @@ impl BoxliteRuntime {
                 boot_slots,
                 live: Mutex::new(HashMap::new()),
                 owned: Mutex::new(HashMap::new()),
+                templates,
             }),
         };
         runtime.recover()?;
@@ -388,27 +471,47 @@ impl BoxliteRuntime {
         stages.image_prepare_ms = Some(stage.elapsed().as_millis());
 
         let stage = Instant::now();
-        let env = shared.vm_env().await?;
-        let base = {
-            let _slot = shared.boot_slot().await?;
-            shared.disks.ensure(&layout, &resolved, &env).await?
-        };
-        create_overlay(&base.path, &dir.join("disk.qcow2"), options.disk_size).await?;
-        drop(images_hold);
+        let base = shared.disks.ensure(&layout, &resolved).await?;
         shared
             .store
             .set_image(&id, &image_name, &base.config, &base.path)?;
-        stages.guest_rootfs_ms = Some(stage.elapsed().as_millis());
-
         let mut record = record;
         record.image = image_name;
         record.image_config = base.config;
-        record.base_disk = base.path;
+        record.base_disk = base.path.clone();
         let litebox = LiteBox::from_record(record, shared.clone());
+        let plan = shared
+            .template_plan(&litebox, &resolved.manifest_digest.to_string(), &base.path)
+            .await;
+        let disk = dir.join("disk.qcow2");
+        let template = match &plan {
+            Some(TemplatePlan::Use(template)) => {
+                match create_clone_overlay(&template.overlay(), &disk).await {
+                    Ok(()) => Some(template),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot put a box disk on its template; booting cold");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if template.is_none() {
+            let _ = std::fs::remove_file(&disk);
+            create_overlay(&base.path, &disk, litebox.options().disk_size).await?;
+        }
+        drop(images_hold);
+        stages.guest_rootfs_ms = Some(stage.elapsed().as_millis());
+
         litebox.set_stages(stages);
         drop(lock);
-        litebox.start().await?;
+        litebox.start_from(template.map(|t| &**t)).await?;
         shared.store.finish_creation(&id)?;
+        if let Some(TemplatePlan::Make(job)) = &plan {
+            if let (Some(templates), Ok(env)) = (&shared.templates, shared.vm_env().await) {
+                templates.build_in_background(&env.shim, job);
+            }
+        }
         litebox.record_create_total(started.elapsed().as_millis());
         cleanup.armed = false;
         self.remember(&litebox);
@@ -497,9 +600,16 @@ impl BoxliteRuntime {
             .into_iter()
             .map(|b| async move { b.stop().await });
         let results = futures_util::future::join_all(stops).await;
+        if let Some(templates) = &self.shared.templates {
+            let limit = self.shared.options.boot_timeout.as_duration() + TEMPLATE_SAVE_GRACE;
+            templates.wait_for_builds(limit).await;
+        }
         results.into_iter().collect()
     }
 }
+
+/// Beyond its boot, how long a template maker may take to save and seal its files.
+const TEMPLATE_SAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Undoes a creation that did not finish: record, directory, and anything running.
 struct HalfCreated<'a> {

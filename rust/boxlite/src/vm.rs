@@ -1,7 +1,8 @@
 //! Booting a VM to a ready agent, and shutting it down.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use boxlite_proto::{Message, PROTOCOL_VERSION};
 use tokio::net::UnixListener;
@@ -10,6 +11,7 @@ use crate::agent::AgentClient;
 use crate::error::{BoxliteError, BoxliteResult, EngineError, GuestError, IoContext};
 use crate::process::{log_tail, GuardedChild};
 use crate::units::Seconds;
+use crate::vmm::qemu::qmp::{Qmp, QmpError};
 use crate::vmm::{Engine, VmConfig};
 
 /// Console bytes quoted in boot errors.
@@ -24,9 +26,26 @@ pub(crate) struct RunningVm {
     pub boot_ms: u128,
     /// Time to spawn the engine process.
     pub spawn_ms: u128,
-    /// The agent's `Ready` message.
+    /// The agent's `Ready` message (for a restored VM: the one its template's agent sent).
+    pub ready: Message,
+    /// The engine's control connection, when the VM has a control socket.
+    pub qmp: Option<Qmp>,
+}
+
+/// A saved VM state to start from instead of booting.
+#[derive(Debug, Clone)]
+pub(crate) struct SavedState {
+    /// The device state (and, unless `ram_shared`, the RAM) written by a migration.
+    pub state: PathBuf,
+    /// The RAM is a file the VM maps (`MemorySource::PrivateFile`), not part of the stream.
+    pub ram_shared: bool,
+    /// What the agent said when the saved VM booted.
     pub ready: Message,
 }
+
+/// Deadline for loading a saved state: the device state is a few hundred KB, the RAM of a
+/// paused box a few hundred MB written to a local file.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Spawns the VM and waits for its agent; on any failure the engine is killed and reaped.
 pub(crate) async fn launch(
@@ -76,11 +95,22 @@ pub(crate) async fn launch(
     }
     .await;
     drop(listener);
+    let outcome = match outcome {
+        Ok((client, ready)) => match &config.qmp_socket {
+            Some(path) => match Qmp::connect(path, deadline.into_std()).await {
+                Ok(qmp) => Ok((client, ready, Some(qmp))),
+                Err(e) => Err(control_error(e)),
+            },
+            None => Ok((client, ready, None)),
+        },
+        Err(e) => Err(e),
+    };
     match outcome {
-        Ok((client, ready)) => Ok(RunningVm {
+        Ok((client, ready, qmp)) => Ok(RunningVm {
             child,
             client,
             ready,
+            qmp,
             boot_ms: started.elapsed().as_millis(),
             spawn_ms,
         }),
@@ -90,6 +120,139 @@ pub(crate) async fn launch(
             Err(e)
         }
     }
+}
+
+/// Starts the VM from a saved state: spawns the engine waiting for it (`config.incoming`),
+/// takes the agent connection, loads the state over the control socket and lets the VM run.
+/// The agent does not announce itself again: the caller speaks first (`Configure`). On any
+/// failure the engine is killed and reaped.
+pub(crate) async fn restore(
+    engine: &dyn Engine,
+    config: &VmConfig,
+    saved: &SavedState,
+) -> BoxliteResult<RunningVm> {
+    let Some(qmp_path) = &config.qmp_socket else {
+        return Err(BoxliteError::Internal(
+            "a restored VM needs a control socket".into(),
+        ));
+    };
+    let socket = &config.agent_socket;
+    remove_stale(socket)?;
+    remove_stale(qmp_path)?;
+    let state = std::fs::File::open(&saved.state)
+        .ctx(|| format!("opening the saved state {}", saved.state.display()))?;
+    let listener =
+        UnixListener::bind(socket).ctx(|| format!("listening on {}", socket.display()))?;
+    let started = Instant::now();
+    let child = engine.spawn(config)?;
+    let spawn_ms = started.elapsed().as_millis();
+    let deadline = started + RESTORE_TIMEOUT;
+
+    let outcome = async {
+        // The engine connects the agent's port while it starts, before it loads anything.
+        let stream = tokio::select! {
+            accepted = tokio::time::timeout_at(deadline.into(), listener.accept()) => match accepted {
+                Ok(Ok((stream, _))) => stream,
+                Ok(Err(e)) => return Err(BoxliteError::io("accepting the engine's agent connection", e)),
+                Err(_) => return Err(restore_failed("the engine did not connect the agent port")),
+            },
+            exit = child.wait() => return Err(engine_exited(&exit.0, &config.console_log)),
+        };
+        let _ = std::fs::remove_file(socket);
+        let load = async {
+            let mut qmp = Qmp::connect(qmp_path, deadline).await?;
+            if saved.ram_shared {
+                qmp.set_migration_capabilities(&[("x-ignore-shared", true)]).await?;
+            }
+            qmp.getfd("incoming", state.as_fd()).await?;
+            qmp.migrate_incoming("fd:incoming").await?;
+            qmp.wait_migration(&["completed"], Duration::from_millis(1), deadline)
+                .await?;
+            // The state carries the saved VM's run state (stopped): it must be continued.
+            qmp.cont().await?;
+            Ok::<_, QmpError>(qmp)
+        };
+        let qmp = tokio::select! {
+            loaded = load => loaded.map_err(control_error)?,
+            exit = child.wait() => return Err(engine_exited(&exit.0, &config.console_log)),
+        };
+        let (client, _no_ready) = AgentClient::start(stream);
+        Ok((client, qmp))
+    }
+    .await;
+    drop(listener);
+    match outcome {
+        Ok((client, qmp)) => Ok(RunningVm {
+            child,
+            client,
+            ready: saved.ready.clone(),
+            qmp: Some(qmp),
+            boot_ms: started.elapsed().as_millis(),
+            spawn_ms,
+        }),
+        Err(e) => {
+            child.kill_and_wait().await;
+            let _ = std::fs::remove_file(socket);
+            Err(e)
+        }
+    }
+}
+
+/// Whether a saved state carries the guest's RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RamInState {
+    /// No: the RAM stays in its shared file (a template).
+    Excluded,
+    /// Yes: all of it (a paused box, whose RAM is its own).
+    Included,
+}
+
+/// Stops the VM and writes its device state (and RAM, if `ram`) into `file` (new and empty;
+/// `path` names it in errors), synced. The VM stays stopped.
+pub(crate) async fn save_state(
+    qmp: &mut Qmp,
+    file: &std::fs::File,
+    path: &Path,
+    ram: RamInState,
+) -> BoxliteResult<()> {
+    qmp.stop().await.map_err(control_error)?;
+    qmp.set_migration_capabilities(&[("x-ignore-shared", ram == RamInState::Excluded)])
+        .await
+        .map_err(control_error)?;
+    if ram == RamInState::Included {
+        // The default bandwidth cap (32 MiB/s) would make saving a GiB take half a minute.
+        qmp.unthrottle_migration().await.map_err(control_error)?;
+    }
+    qmp.getfd("saved-state", file.as_fd())
+        .await
+        .map_err(control_error)?;
+    qmp.migrate("fd:saved-state").await.map_err(control_error)?;
+    qmp.wait_migration(
+        &["completed"],
+        Duration::from_millis(2),
+        Instant::now() + SAVE_TIMEOUT,
+    )
+    .await
+    .map_err(control_error)?;
+    file.sync_all()
+        .ctx(|| format!("syncing {}", path.display()))
+}
+
+/// How long writing a saved state may take (a GiB of RAM to a slow disk included).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn control_error(e: QmpError) -> BoxliteError {
+    EngineError::Control {
+        reason: e.to_string(),
+    }
+    .into()
+}
+
+fn restore_failed(reason: &str) -> BoxliteError {
+    EngineError::Control {
+        reason: reason.to_string(),
+    }
+    .into()
 }
 
 fn check_ready(ready: &Message) -> BoxliteResult<()> {
@@ -117,28 +280,6 @@ fn check_ready(ready: &Message) -> BoxliteResult<()> {
         other => Err(BoxliteError::protocol(format!(
             "expected Ready, got {other:?}"
         ))),
-    }
-}
-
-impl RunningVm {
-    /// Asks the agent to sync and power off; kills the engine if that takes past `timeout`.
-    pub async fn shutdown(&self, timeout: Seconds) {
-        let graceful = async {
-            // The agent may power off before its reply leaves; either way we wait for the exit.
-            let _ = self.client.request(Message::Shutdown).await;
-            self.child.wait().await;
-        };
-        if tokio::time::timeout(timeout.as_duration(), graceful)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                pid = self.child.pid(),
-                "graceful shutdown timed out; killing the engine"
-            );
-        }
-        self.child.kill_and_wait().await;
-        self.client.close("the box was stopped");
     }
 }
 
@@ -171,7 +312,6 @@ fn engine_exited(status: &str, console_log: &Path) -> BoxliteError {
 /// What every VM of one runtime shares: the engine, the guest bundle, the accelerator.
 #[derive(Debug, Clone)]
 pub(crate) struct VmEnv {
-    pub engine: std::sync::Arc<dyn Engine>,
     /// The engine binary, for the per-box supervisors.
     pub qemu: PathBuf,
     /// The `boxlite-shim` binary.
@@ -179,22 +319,31 @@ pub(crate) struct VmEnv {
     pub bundle: crate::vmm::GuestBundle,
     pub accel: crate::vmm::Accel,
     pub boot_timeout: Seconds,
-    pub stop_timeout: Seconds,
 }
 
-/// Unix socket paths are limited to 107 bytes; a deep home directory falls back to a
-/// private per-user directory under the system temp dir.
-pub(crate) fn socket_path(preferred: PathBuf, id: &str) -> BoxliteResult<PathBuf> {
+/// Where a box's unix sockets live: its own directory, or, when that path is too long for a
+/// socket (107 bytes), a private per-box directory under the system temp dir.
+pub(crate) fn socket_dir(box_dir: &Path, box_id: &str) -> BoxliteResult<PathBuf> {
+    const LONGEST_NAME: &str = "/agent.sock";
     const MAX_SOCKET_PATH: usize = 100;
-    if preferred.as_os_str().len() <= MAX_SOCKET_PATH {
-        return Ok(preferred);
+    if box_dir.as_os_str().len() + LONGEST_NAME.len() <= MAX_SOCKET_PATH {
+        return Ok(box_dir.to_path_buf());
     }
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
-    let dir = std::env::temp_dir().join(format!("boxlite-{uid}"));
+    let dir = fallback_socket_dir(box_id);
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .ctx(|| format!("securing {}", dir.display()))?;
-    Ok(dir.join(format!("{id}.sock")))
+    for secured in [dir.parent().unwrap_or(&dir), &dir] {
+        std::fs::set_permissions(secured, std::fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("securing {}", secured.display()))?;
+    }
+    Ok(dir)
+}
+
+/// The temp-dir home of a box's sockets when its own directory's path is too long.
+pub(crate) fn fallback_socket_dir(box_id: &str) -> PathBuf {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir()
+        .join(format!("boxlite-{uid}"))
+        .join(box_id)
 }

@@ -1,15 +1,23 @@
 //! A multiplexed connection to one guest agent.
 //!
 //! A reader task decodes frames and routes them to per-channel queues; a writer task batches
-//! outgoing frames onto the socket. The guest is untrusted: a frame on an unknown channel is
-//! dropped, and a guest that sends more than its credit allows is cut off.
+//! outgoing frames onto the socket. The guest is untrusted: anything the protocol does not allow
+//! ends the connection (a malformed or oversized frame, a frame on a channel that was never
+//! opened, more data than its credit allows, a flood of control messages on one channel); a late
+//! frame for a channel we already finished is dropped.
+//!
+//! Nothing here waits on the guest without a limit unless the caller asks for it: requests give
+//! up after [`REQUEST_TIMEOUT`] without a sign of progress, and a request too large for one frame
+//! is refused before anything is sent.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use boxlite_proto::{
-    Body, Frame, FrameHeader, Message, StreamId, HEADER_LEN, MAX_DATA_CHUNK, STREAM_WINDOW,
+    Body, Frame, FrameHeader, Message, StreamId, HEADER_LEN, MAX_DATA_CHUNK, MAX_PAYLOAD,
+    STREAM_WINDOW,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -26,9 +34,15 @@ pub(crate) enum ChannelEvent {
     Eof(StreamId),
 }
 
-/// Unconsumed bytes the guest may have queued on one stream before it is cut off; a chunk of
-/// slack allows for a credit that is still on its way.
-const GUEST_QUEUE_LIMIT: u64 = STREAM_WINDOW as u64 + MAX_DATA_CHUNK as u64;
+/// How long a request may go without any sign of progress from the guest (a reply, an event,
+/// output, or credit for our input) before the host gives up on it: the default deadline of every
+/// host call that has no deadline of its own (`metrics`, `Configure`, starting a command, each
+/// step of a copy). Documented in docs/python.md.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Control messages and end-of-stream marks one channel may carry. A request has at most a
+/// handful (`Started`, `Exited`, two `Eof`s); a guest sending more is flooding us.
+const CONTROL_EVENTS_PER_CHANNEL: u32 = 64;
 
 #[derive(Debug)]
 struct Sink {
@@ -41,13 +55,20 @@ struct Sink {
 struct Flow {
     /// Credit the guest gave us for our stdin bytes.
     stdin_window: Semaphore,
-    /// Bytes received per guest stream and not yet credited back.
-    queued: [AtomicU64; 3],
+    /// Bytes received per guest stream, and bytes the guest may send in all (the window plus
+    /// every credit we gave): a guest that sends more than it was allowed is cut off, however
+    /// fast we read.
+    received: [AtomicU64; 3],
+    allowed: [AtomicU64; 3],
+    /// Control messages and end-of-stream marks received so far.
+    control_events: AtomicU32,
 }
 
 #[derive(Debug)]
 struct Shared {
     writer: mpsc::UnboundedSender<Frame>,
+    /// Set by [`AgentClient::quiesce`]: nothing more may be sent.
+    sealed: AtomicBool,
     channels: Mutex<HashMap<u32, Sink>>,
     next_channel: AtomicU32,
     closed: watch::Sender<Option<String>>,
@@ -63,13 +84,25 @@ impl Shared {
                 false
             }
         });
-        // Dropping every sink ends every channel's event stream.
+        // Dropping every sink ends every channel's event stream; closing the credit semaphores
+        // wakes every sender waiting for a window that will never open again.
         if let Ok(mut channels) = self.channels.lock() {
+            for sink in channels.values() {
+                sink.flow.stdin_window.close();
+            }
             channels.clear();
         }
     }
 
     fn send(&self, frame: Frame) -> BoxliteResult<()> {
+        if self.sealed.load(Ordering::SeqCst) {
+            return Err(BoxliteError::connection_lost("the box is being paused"));
+        }
+        self.send_sealed(frame)
+    }
+
+    /// Sends even on a sealed connection (the `Quiesce` request itself).
+    fn send_sealed(&self, frame: Frame) -> BoxliteResult<()> {
         self.writer.send(frame).map_err(|_| self.lost())
     }
 
@@ -109,6 +142,7 @@ impl AgentClient {
         let (closed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             writer: writer_tx,
+            sealed: AtomicBool::new(false),
             channels: Mutex::new(HashMap::new()),
             next_channel: AtomicU32::new(1),
             closed,
@@ -125,13 +159,41 @@ impl AgentClient {
         )
     }
 
-    /// Opens a channel with `request` as its first message.
+    /// Opens a channel with `request` as its first message. A request that does not fit in one
+    /// frame is an `InvalidArgument` error and nothing is sent.
     pub fn open(&self, request: Message) -> BoxliteResult<Channel> {
+        self.open_channel(request, false)
+    }
+
+    /// Makes `Quiesce` the last frame sent on this connection and waits for the agent's
+    /// `Done`: afterwards the agent has read everything sent and sends nothing more, so the
+    /// VM can be saved with no frame cut in two. Every later send fails.
+    pub async fn quiesce(&self, limit: Duration) -> BoxliteResult<()> {
+        self.shared.sealed.store(true, Ordering::SeqCst);
+        let mut channel = self.open_channel(Message::Quiesce, true)?;
+        match channel.recv_within(limit, "Quiesce").await? {
+            ChannelEvent::Message(Message::Done) => Ok(()),
+            other => Err(BoxliteError::protocol(format!(
+                "unexpected reply to Quiesce: {}",
+                bounded(&format!("{other:?}"), 200)
+            ))),
+        }
+    }
+
+    /// Whether [`quiesce`](Self::quiesce) sealed the connection.
+    pub fn is_sealed(&self) -> bool {
+        self.shared.sealed.load(Ordering::SeqCst)
+    }
+
+    fn open_channel(&self, request: Message, sealed: bool) -> BoxliteResult<Channel> {
+        check_request_size(&request)?;
         let id = self.shared.next_channel.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let flow = Arc::new(Flow {
             stdin_window: Semaphore::new(STREAM_WINDOW as usize),
-            queued: Default::default(),
+            received: Default::default(),
+            allowed: std::array::from_fn(|_| AtomicU64::new(u64::from(STREAM_WINDOW))),
+            control_events: AtomicU32::new(0),
         });
         {
             let mut channels = self
@@ -155,23 +217,45 @@ impl AgentClient {
             shared: self.shared.clone(),
             flow,
         };
-        handle.send_message(request)?;
+        if sealed {
+            self.shared.send_sealed(Frame::control(id, request))?;
+        } else {
+            handle.send_message(request)?;
+        }
         Ok(Channel {
             handle,
             events: events_rx,
         })
     }
 
-    /// Sends `request` and returns the final reply (a guest `Error` becomes `Err`).
+    /// Sends `request` and returns the final reply (a guest `Error` becomes `Err`), giving up
+    /// after [`REQUEST_TIMEOUT`] without progress.
     pub async fn request(&self, request: Message) -> BoxliteResult<Message> {
+        self.request_within(request, REQUEST_TIMEOUT).await
+    }
+
+    /// Like [`request`](Self::request), giving up after `limit` without progress.
+    pub async fn request_within(
+        &self,
+        request: Message,
+        limit: Duration,
+    ) -> BoxliteResult<Message> {
+        match self.reply_within(request, limit).await? {
+            Message::Error { kind, message } => Err(BoxliteError::protocol(format!(
+                "guest error ({kind:?}): {}",
+                bounded(&message, MESSAGE_LIMIT)
+            ))),
+            reply => Ok(reply),
+        }
+    }
+
+    /// Sends `request` and returns the final reply as it is (a guest `Error` included), giving
+    /// up after `limit` without progress.
+    pub async fn reply_within(&self, request: Message, limit: Duration) -> BoxliteResult<Message> {
+        let what = message_name(&request);
         let mut channel = self.open(request)?;
         loop {
-            match channel.recv().await? {
-                ChannelEvent::Message(Message::Error { kind, message }) => {
-                    return Err(BoxliteError::protocol(format!(
-                        "guest error ({kind:?}): {message}"
-                    )))
-                }
+            match channel.recv_within(limit, &what).await? {
                 ChannelEvent::Message(reply) => return Ok(reply),
                 ChannelEvent::Data(stream, data) => channel.handle.credit(stream, data.len()),
                 ChannelEvent::Eof(_) => {}
@@ -208,16 +292,31 @@ impl ChannelHandle {
         self.shared.send(Frame::control(self.id, message))
     }
 
-    /// Sends bytes on the stdin stream, waiting for credit as needed.
+    /// Sends bytes on the stdin stream, waiting for credit as long as it takes (a command's stdin:
+    /// the command decides when it reads).
     pub async fn send_stdin(&self, data: &[u8]) -> BoxliteResult<()> {
+        self.send_stdin_within(data, None).await
+    }
+
+    /// Sends bytes on the stdin stream, waiting at most `stall` for each chunk's credit when
+    /// given (a copy: the agent itself reads, so a window that stays shut means it is stuck).
+    pub async fn send_stdin_within(
+        &self,
+        data: &[u8],
+        stall: Option<Duration>,
+    ) -> BoxliteResult<()> {
         for chunk in data.chunks(MAX_DATA_CHUNK) {
-            let closed = self.shared.lost();
-            let permit = self
-                .flow
-                .stdin_window
-                .acquire_many(chunk.len() as u32)
-                .await
-                .map_err(|_| closed)?;
+            let acquire = self.flow.stdin_window.acquire_many(chunk.len() as u32);
+            let acquired = match stall {
+                Some(limit) => tokio::time::timeout(limit, acquire).await.map_err(|_| {
+                    BoxliteError::protocol(format!(
+                        "the guest agent took no input for {} s",
+                        limit.as_secs()
+                    ))
+                })?,
+                None => acquire.await,
+            };
+            let permit = acquired.map_err(|_| self.shared.lost())?;
             permit.forget();
             self.shared
                 .send(Frame::data(self.id, StreamId::Stdin, chunk.to_vec()))?;
@@ -234,7 +333,8 @@ impl ChannelHandle {
         if len == 0 {
             return;
         }
-        self.flow.queued[stream as usize].fetch_sub(len as u64, Ordering::Relaxed);
+        // Counted before the credit goes out: the guest can only use it after.
+        self.flow.allowed[stream as usize].fetch_add(len as u64, Ordering::Relaxed);
         let _ = self.shared.send(Frame::credit(self.id, stream, len as u32));
     }
 
@@ -251,10 +351,76 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    /// The next event; an error once the connection is gone.
+    /// The next event; an error once the connection is gone. Waits as long as it takes: use it
+    /// only where the guest may legitimately stay silent (a running command).
     pub async fn recv(&mut self) -> BoxliteResult<ChannelEvent> {
         self.events.recv().await.ok_or_else(|| self.handle.lost())
     }
+
+    /// The next event, or a `GuestProtocol` error when none comes within `limit`. `what` names
+    /// the request in the message.
+    pub async fn recv_within(
+        &mut self,
+        limit: Duration,
+        what: &str,
+    ) -> BoxliteResult<ChannelEvent> {
+        match tokio::time::timeout(limit, self.recv()).await {
+            Ok(event) => event,
+            Err(_) => Err(BoxliteError::protocol(format!(
+                "the guest agent did not answer {what} within {} s",
+                limit.as_secs()
+            ))),
+        }
+    }
+}
+
+/// The protocol name of a message (`exec`, `copy_out`, ...), for messages.
+pub(crate) fn message_name(message: &Message) -> String {
+    serde_json::to_value(message)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "a request".into())
+}
+
+/// Counts bytes without keeping them.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Refuses a request whose frame would exceed [`MAX_PAYLOAD`]: the peer would have to drop the
+/// connection (and every other request on it) to get rid of it.
+pub(crate) fn check_request_size(request: &Message) -> BoxliteResult<()> {
+    let mut counter = Counter(0);
+    if serde_json::to_writer(&mut counter, request).is_err() {
+        return Err(BoxliteError::Internal("a request did not serialize".into()));
+    }
+    let size = counter.0;
+    if size <= MAX_PAYLOAD {
+        return Ok(());
+    }
+    let (field, what) = match request {
+        Message::Exec(_) => (
+            "exec",
+            "the command (program, arguments and environment together)",
+        ),
+        Message::CopyIn { .. } | Message::CopyOut { .. } => ("path", "the path"),
+        _ => ("request", "the request"),
+    };
+    Err(BoxliteError::invalid(
+        field,
+        format!(
+            "{what} encodes to {size} bytes, over the {MAX_PAYLOAD}-byte (1 MiB) limit of one \
+             request; pass large data through stdin or a file (write_file, copy_in)"
+        ),
+    ))
 }
 
 impl Drop for Channel {
@@ -286,7 +452,11 @@ async fn read_loop(
                     let _ = tx.send(message);
                     continue;
                 }
-                (body, _) => break format!("unexpected frame on channel 0: {body:?}"),
+                // The box's supervisor says why it ends the connection (its agent failed).
+                (Body::Control(Message::Error { message, .. }), None) => {
+                    break bounded(&message, MESSAGE_LIMIT)
+                }
+                (body, _) => break format!("unexpected frame on channel 0: {}", describe(&body)),
             }
         }
         if let Err(violation) = route(&shared, frame) {
@@ -299,6 +469,25 @@ async fn read_loop(
     }
 }
 
+/// Characters of a peer's text quoted in our messages.
+pub(crate) const MESSAGE_LIMIT: usize = 1000;
+
+/// `text` cut to at most `limit` characters, with `...` when cut.
+pub(crate) fn bounded(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// A frame body for a message: a control message in full (bounded), data by its size only.
+fn describe(body: &Body) -> String {
+    match body {
+        Body::Data { stream, data } => format!("{} bytes of {stream:?} data", data.len()),
+        other => bounded(&format!("{other:?}"), 200),
+    }
+}
+
 /// Hands one frame to its channel; `Err` on a protocol violation that ends the connection.
 fn route(shared: &Shared, frame: Frame) -> Result<(), String> {
     let channels = shared
@@ -306,9 +495,26 @@ fn route(shared: &Shared, frame: Frame) -> Result<(), String> {
         .lock()
         .map_err(|_| "channel table poisoned".to_string())?;
     let Some(sink) = channels.get(&frame.channel) else {
+        if frame.channel >= shared.next_channel.load(Ordering::Relaxed) {
+            // Replies to requests that were never made: forged.
+            return Err(format!(
+                "guest sent {} on channel {}, which was never opened",
+                describe(&frame.body),
+                frame.channel
+            ));
+        }
         // A late frame for a channel we already finished: harmless.
         return Ok(());
     };
+    if matches!(frame.body, Body::Control(_) | Body::Eof { .. }) {
+        let seen = sink.flow.control_events.fetch_add(1, Ordering::Relaxed);
+        if seen >= CONTROL_EVENTS_PER_CHANNEL {
+            return Err(format!(
+                "guest flooded channel {} with control messages",
+                frame.channel
+            ));
+        }
+    }
     let event = match frame.body {
         Body::Control(message) => ChannelEvent::Message(message),
         Body::Data {
@@ -316,9 +522,10 @@ fn route(shared: &Shared, frame: Frame) -> Result<(), String> {
             ..
         } => return Err("guest sent data on stdin".into()),
         Body::Data { stream, data } => {
-            let queued =
-                sink.flow.queued[stream as usize].fetch_add(data.len() as u64, Ordering::Relaxed);
-            if queued + data.len() as u64 > GUEST_QUEUE_LIMIT {
+            let received = sink.flow.received[stream as usize]
+                .fetch_add(data.len() as u64, Ordering::Relaxed)
+                + data.len() as u64;
+            if received > sink.flow.allowed[stream as usize].load(Ordering::Relaxed) {
                 return Err(format!(
                     "guest overran its {stream:?} credit on channel {}",
                     frame.channel
@@ -372,11 +579,20 @@ async fn write_loop(
     shared: std::sync::Weak<Shared>,
 ) {
     if let Err(e) = write_frames(writer, frames).await {
+        // A peer that closed its end may have said why just before (an error frame still on
+        // its way to the reader): that is a better reason than a broken pipe.
+        let Some(mut closed) = shared.upgrade().map(|s| s.closed.subscribe()) else {
+            return;
+        };
+        let _ = tokio::time::timeout(WRITE_FAILURE_GRACE, closed.wait_for(Option::is_some)).await;
         if let Some(shared) = shared.upgrade() {
             shared.close(format!("writing to the guest: {e}"));
         }
     }
 }
+
+/// How long a failed write waits for the reader to learn why the peer went away.
+const WRITE_FAILURE_GRACE: Duration = Duration::from_millis(500);
 
 /// Writes queued frames until the queue closes, batching what is already waiting into one
 /// write.
@@ -454,7 +670,7 @@ mod tests {
         let id = guest_read(&mut guest).await.channel;
         let chunk = vec![0u8; MAX_DATA_CHUNK];
         let mut wire = Vec::new();
-        for _ in 0..(GUEST_QUEUE_LIMIT as usize / MAX_DATA_CHUNK + 1) {
+        for _ in 0..(STREAM_WINDOW as usize / MAX_DATA_CHUNK + 1) {
             Frame::data(id, StreamId::Stdout, chunk.clone()).encode_into(&mut wire);
         }
         guest.write_all(&wire).await.unwrap();
@@ -511,5 +727,141 @@ mod tests {
             .unwrap();
         sender.await.unwrap().unwrap();
         drop(channel);
+    }
+
+    fn ready() -> Frame {
+        Frame::control(
+            0,
+            Message::Ready {
+                version: 1,
+                agent_version: "t".into(),
+                uptime_ms: 5,
+                root_error: None,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_frame_cap_is_refused_before_sending() {
+        let (client, _ready, mut guest) = pair().await;
+        let huge = Message::Exec(boxlite_proto::ExecRequest::new(
+            "echo",
+            ["a".repeat(MAX_PAYLOAD)],
+        ));
+        let err = client.open(huge).unwrap_err();
+        assert!(
+            matches!(&err, BoxliteError::InvalidArgument { field, reason } if field == "exec" && reason.contains("1048576-byte (1 MiB) limit")),
+            "{err}"
+        );
+        // Nothing went out, and the connection still works.
+        let _channel = client.open(Message::Ping).unwrap();
+        assert_eq!(
+            guest_read(&mut guest).await.body,
+            Body::Control(Message::Ping)
+        );
+        assert!(client.closed_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reply_on_a_channel_never_opened_ends_the_connection() {
+        let (client, _ready, mut guest) = pair().await;
+        guest.write_all(&ready().encode()).await.unwrap();
+        let mut channel = client.open(Message::Ping).unwrap();
+        let id = guest_read(&mut guest).await.channel;
+        guest
+            .write_all(&Frame::control(id + 100, Message::Pong).encode())
+            .await
+            .unwrap();
+        let err = channel.recv().await.unwrap_err();
+        assert!(err.to_string().contains("never opened"), "{err}");
+        // A late frame for a finished channel is not a violation.
+        let (client, _ready, mut guest) = pair().await;
+        let channel = client.open(Message::Ping).unwrap();
+        let id = guest_read(&mut guest).await.channel;
+        drop(channel);
+        guest
+            .write_all(&Frame::control(id, Message::Pong).encode())
+            .await
+            .unwrap();
+        let mut next = client.open(Message::Ping).unwrap();
+        let next_id = guest_read(&mut guest).await.channel;
+        guest
+            .write_all(&Frame::control(next_id, Message::Pong).encode())
+            .await
+            .unwrap();
+        assert!(matches!(
+            next.recv().await.unwrap(),
+            ChannelEvent::Message(Message::Pong)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_control_messages_ends_the_connection() {
+        let (client, _ready, mut guest) = pair().await;
+        let mut channel = client.open(Message::Ping).unwrap();
+        let id = guest_read(&mut guest).await.channel;
+        let mut wire = Vec::new();
+        for _ in 0..=CONTROL_EVENTS_PER_CHANNEL {
+            Frame::control(id, Message::Started { pid: 1 }).encode_into(&mut wire);
+        }
+        guest.write_all(&wire).await.unwrap();
+        let err = loop {
+            match channel.recv().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("flooded"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_supervisors_goodbye_fails_every_pending_call_with_its_reason() {
+        let (client, ready_rx, mut guest) = pair().await;
+        guest.write_all(&ready().encode()).await.unwrap();
+        ready_rx.await.unwrap();
+        let pending = tokio::spawn({
+            let client = client.clone();
+            async move { client.request(Message::Metrics).await }
+        });
+        let channel = client.open(Message::Ping).unwrap();
+        let writer = channel.handle.clone();
+        let stdin = tokio::spawn(async move {
+            writer
+                .send_stdin(&vec![0u8; STREAM_WINDOW as usize + 1])
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let goodbye = Message::Error {
+            kind: boxlite_proto::ErrorKind::Io,
+            message: "the guest agent did not answer a heartbeat".into(),
+        };
+        guest
+            .write_all(&Frame::control(0, goodbye).encode())
+            .await
+            .unwrap();
+        for err in [
+            pending.await.unwrap().unwrap_err(),
+            stdin.await.unwrap().unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, BoxliteError::Guest(crate::error::GuestError::ConnectionLost { reason }) if reason.contains("heartbeat")),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_the_guest_ignores_times_out() {
+        let (client, _ready, _guest) = pair().await;
+        let started = tokio::time::Instant::now();
+        let err = client.request(Message::Metrics).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("did not answer metrics within 30 s"),
+            "{err}"
+        );
+        assert!(started.elapsed() >= REQUEST_TIMEOUT);
+        // Only the request failed: the connection stays.
+        assert!(client.closed_reason().is_none());
     }
 }

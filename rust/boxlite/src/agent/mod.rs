@@ -3,5 +3,6 @@
 mod client;
 
 pub(crate) use client::{
-    read_frame, write_frames, AgentClient, Channel, ChannelEvent, ChannelHandle,
+    bounded, read_frame, write_frames, AgentClient, Channel, ChannelEvent, ChannelHandle,
+    MESSAGE_LIMIT, REQUEST_TIMEOUT,
 };

@@ -1,9 +1,9 @@
-//! Disks: per-image base disks (ext4, built inside a VM, cached by manifest digest) and
-//! per-box qcow2 overlays on them.
+//! Disks: per-image base disks (ext4, written on the host, cached by manifest digest) and
+//! per-box qcow2 overlays on them (or on a template's frozen overlay).
 
 mod base;
 mod overlay;
 mod tools;
 
 pub(crate) use base::BaseDiskStore;
-pub(crate) use overlay::create_overlay;
+pub(crate) use overlay::{create_clone_overlay, create_overlay};

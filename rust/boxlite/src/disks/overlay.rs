@@ -26,3 +26,18 @@ pub(crate) async fn create_overlay(
     }
     run_tool(command).await
 }
+
+/// Creates a box's overlay on a template's frozen overlay (qcow2 on qcow2). It keeps the
+/// template's virtual size: the restored guest already knows its disk's size.
+pub(crate) async fn create_clone_overlay(
+    template_overlay: &Path,
+    overlay: &Path,
+) -> BoxliteResult<()> {
+    let qemu_img = find_tool("qemu-img", "qemu-utils")?;
+    let mut command = Command::new(qemu_img);
+    command
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(template_overlay)
+        .arg(overlay);
+    run_tool(command).await
+}

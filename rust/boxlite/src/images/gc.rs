@@ -24,6 +24,7 @@ use super::oci::annotation;
 use super::store::{ContentStore, INDEX_DIGEST};
 use crate::error::BoxliteResult;
 use crate::fsutil::FileLock;
+use crate::templates::TemplateStore;
 
 /// Base-disk build leftovers older than this are removed (younger ones may be in progress in
 /// a process that does not take the GC lock).
@@ -34,6 +35,7 @@ const STALE_BUILD_AGE: Duration = Duration::from_secs(6 * 3600);
 pub struct GcReport {
     pub blobs_removed: usize,
     pub disks_removed: usize,
+    pub templates_removed: usize,
     pub bytes_freed: u64,
 }
 
@@ -52,12 +54,13 @@ struct Ref {
     digest: String,
 }
 
-/// The manifest digests of the base disks boxes use, or `None` if some box's overlay could
-/// not be read (then no base disk may be removed).
-pub(crate) fn disks_in_use(boxes_dir: &Path, disks_dir: &Path) -> Option<Vec<(String, Digest)>> {
-    let mut used = Vec::new();
+/// What each box's disks rest on: `(box id, backing files nearest first)` for every qcow2 in
+/// a box directory, or `None` if some box disk could not be read (then nothing a box might
+/// use may be removed).
+pub(crate) fn box_disk_chains(boxes_dir: &Path) -> Option<Vec<(String, Vec<PathBuf>)>> {
+    let mut chains = Vec::new();
     let Ok(entries) = std::fs::read_dir(boxes_dir) else {
-        return Some(used);
+        return Some(chains);
     };
     for entry in entries.flatten() {
         let box_dir = entry.path();
@@ -73,26 +76,60 @@ pub(crate) fn disks_in_use(boxes_dir: &Path, disks_dir: &Path) -> Option<Vec<(St
             if path.extension().and_then(|e| e.to_str()) != Some("qcow2") {
                 continue;
             }
-            match qcow2_backing_file(&path) {
-                Ok(Some(backing)) => {
-                    let backing = if backing.is_absolute() {
-                        backing
-                    } else {
-                        box_dir.join(backing)
-                    };
-                    if let Some(digest) = base_disk_digest(&backing, disks_dir) {
-                        used.push((box_id.clone(), digest));
-                    }
-                }
-                Ok(None) => {}
+            match backing_chain(&path) {
+                Ok(chain) => chains.push((box_id.clone(), chain)),
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read a box overlay; keeping every base disk");
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read a box disk; keeping every base disk and template");
                     return None;
                 }
             }
         }
     }
-    Some(used)
+    Some(chains)
+}
+
+/// The manifest digests of the base disks boxes use (directly, or under a template's
+/// overlay), or `None` if some box disk could not be read.
+pub(crate) fn disks_in_use(boxes_dir: &Path, disks_dir: &Path) -> Option<Vec<(String, Digest)>> {
+    Some(
+        box_disk_chains(boxes_dir)?
+            .into_iter()
+            .flat_map(|(id, chain)| {
+                chain
+                    .iter()
+                    .filter_map(|file| base_disk_digest(file, disks_dir))
+                    .map(|digest| (id.clone(), digest))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+    )
+}
+
+/// The longest backing chain followed: a box on a template is three deep, each fork adds one.
+const MAX_CHAIN: usize = 16;
+
+/// The files a qcow2 disk rests on, nearest first, ending at the first file that is not qcow2
+/// (the raw base disk) or has no backing file.
+pub(crate) fn backing_chain(disk: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let mut current = disk.to_path_buf();
+    for _ in 0..MAX_CHAIN {
+        let backing = match qcow2_backing_file(&current) {
+            Ok(Some(backing)) => backing,
+            Ok(None) => break,
+            Err(e) if chain.is_empty() => return Err(e),
+            // The raw base disk (not qcow2), or a layer that is gone.
+            Err(_) => break,
+        };
+        let backing = if backing.is_absolute() {
+            backing
+        } else {
+            current.parent().unwrap_or(Path::new("/")).join(backing)
+        };
+        chain.push(backing.clone());
+        current = backing;
+    }
+    Ok(chain)
 }
 
 /// `<disks>/sha256-<hex>.ext4` -> the manifest digest.
@@ -145,6 +182,7 @@ pub(crate) fn collect(
     store: &ContentStore,
     disks_dir: &Path,
     boxes_dir: &Path,
+    templates: &TemplateStore,
 ) -> BoxliteResult<GcReport> {
     let mut report = GcReport::default();
     let entries = store.entries()?;
@@ -177,11 +215,39 @@ pub(crate) fn collect(
         }
     }
 
-    // Base disks: kept for named images and for boxes.
-    match disks_in_use(boxes_dir, disks_dir) {
-        Some(used) => {
+    // Templates: kept while their image is named and for boxes whose disks rest on them.
+    let chains = box_disk_chains(boxes_dir);
+    if let Some(chains) = &chains {
+        let in_use: BTreeSet<PathBuf> =
+            chains.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
+        let removed = templates.gc(&in_use, |manifest| {
+            Digest::parse(&manifest.inputs.image).is_ok_and(|d| manifests.contains(&d))
+                && manifest.inputs.base_disk.is_file()
+        });
+        report.templates_removed = removed.removed;
+        report.bytes_freed += removed.bytes_freed;
+        // Disk layers frozen by forks, once no box rests on them.
+        let layers = boxes_dir.parent().unwrap_or(Path::new("/")).join("layers");
+        for layer in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
+            let path = layer.path();
+            if !in_use.contains(&path) {
+                report.bytes_freed += layer.metadata().map(|m| m.len()).unwrap_or(0);
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    // Base disks: kept for named images, for boxes and for the templates that remain.
+    match chains {
+        Some(chains) => {
             let mut keep = manifests.clone();
-            keep.extend(used.into_iter().map(|(_, d)| d));
+            let template_chains = templates
+                .overlays()
+                .into_iter()
+                .filter_map(|overlay| backing_chain(&overlay).ok());
+            for chain in chains.into_iter().map(|(_, c)| c).chain(template_chains) {
+                keep.extend(chain.iter().filter_map(|f| base_disk_digest(f, disks_dir)));
+            }
             if let Ok(files) = std::fs::read_dir(disks_dir) {
                 for file in files.flatten() {
                     let name = file.file_name().to_string_lossy().into_owned();
@@ -206,17 +272,22 @@ pub(crate) fn collect(
         None => tracing::warn!("some box overlay is unreadable; base disks were not collected"),
     }
 
-    // Ingest leftovers: blob downloads whose lock nobody holds, and old disk builds.
+    // Ingest leftovers: blob downloads and base disk builds whose lock nobody holds (their
+    // writer died), and anything else old.
     if let Ok(files) = std::fs::read_dir(store.ingest_dir()) {
         for file in files.flatten() {
             let name = file.file_name().to_string_lossy().into_owned();
+            let hex = |rest: &str| {
+                rest.strip_prefix("sha256-")
+                    .and_then(|r| r.split('.').next())
+                    .map(str::to_owned)
+            };
             let remove = if let Some(rest) = name.strip_suffix(".partial") {
-                let hex = rest
-                    .strip_prefix("sha256-")
-                    .and_then(|r| r.split('.').next());
-                hex.is_none_or(|hex| {
+                hex(rest).is_none_or(|hex| {
                     !FileLock::is_held(&store.locks_dir().join(format!("blob-{hex}.lock")))
                 })
+            } else if let Some(hex) = name.strip_suffix(".ext4").and_then(hex) {
+                !FileLock::is_held(&store.locks_dir().join(format!("{hex}.lock")))
             } else {
                 file.metadata()
                     .and_then(|m| m.modified())
@@ -368,7 +439,8 @@ mod tests {
         }
         overlay(&boxes.join("b1").join("disk.qcow2"), &disk(&boxed));
 
-        let report = collect(&store, &disks, &boxes).unwrap();
+        let templates = TemplateStore::new(home.path()).unwrap();
+        let report = collect(&store, &disks, &boxes, &templates).unwrap();
         assert_eq!((report.blobs_removed, report.disks_removed), (1, 1));
         assert!(!store.has_blob(&stray));
         for d in [&named, &config, &layer] {
@@ -380,7 +452,7 @@ mod tests {
         // A box overlay that cannot be read: no base disk may go.
         std::fs::write(boxes.join("b1").join("broken.qcow2"), b"garbage").unwrap();
         store.remove_entry("x.io/a:latest").await.unwrap();
-        let report = collect(&store, &disks, &boxes).unwrap();
+        let report = collect(&store, &disks, &boxes, &templates).unwrap();
         assert_eq!((report.blobs_removed, report.disks_removed), (3, 0));
         assert!(disk(&named).exists());
     }

@@ -21,6 +21,7 @@ use super::registry::{ImageRegistry, Registries};
 use super::store::{ContentStore, INDEX_DIGEST, PULLED_AT};
 use crate::error::{BoxliteError, BoxliteResult, StorageError};
 use crate::fsutil::FileLock;
+use crate::templates::TemplateStore;
 
 /// An image in the local store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,9 @@ pub struct ImageInfo {
     /// The config's `created` timestamp, as written there.
     pub created: Option<String>,
     pub pulled_at: Option<SystemTime>,
+    /// Memory templates in service for this image (one per box shape: CPUs, memory, disk
+    /// size, network on or off).
+    pub templates: usize,
     /// The defaults boxes inherit: Env, Cmd, Entrypoint, WorkingDir, User, ports, labels.
     pub config: ImageConfig,
 }
@@ -198,6 +202,7 @@ impl ImageManager {
                 &manager.inner.store,
                 &manager.inner.disks_dir,
                 &manager.inner.boxes_dir,
+                &manager.template_store()?,
             )
         })
         .await
@@ -208,8 +213,15 @@ impl ImageManager {
     /// Removes blobs and base disks that no image in the store and no box references.
     pub async fn gc(&self) -> BoxliteResult<GcReport> {
         let _exclusive = self.inner.store.lock_gc(true).await?;
-        self.blocking(|m| gc::collect(&m.inner.store, &m.inner.disks_dir, &m.inner.boxes_dir))
-            .await
+        self.blocking(|m| {
+            gc::collect(
+                &m.inner.store,
+                &m.inner.disks_dir,
+                &m.inner.boxes_dir,
+                &m.template_store()?,
+            )
+        })
+        .await
     }
 
     /// Holds off garbage collection (shared lock) while a box is being made from an image.
@@ -322,8 +334,28 @@ impl ImageManager {
             pulled_at: annotation(&entry, PULLED_AT)
                 .and_then(|s| s.parse::<u64>().ok())
                 .map(|secs| UNIX_EPOCH + Duration::from_secs(secs)),
+            templates: self.templates_of(&Digest::try_from(entry.digest())?),
             config: resolved.config,
         })
+    }
+
+    /// The home's templates (`<home>/templates`, beside `<home>/boxes`).
+    fn template_store(&self) -> BoxliteResult<TemplateStore> {
+        TemplateStore::new(self.inner.boxes_dir.parent().unwrap_or(Path::new("/")))
+    }
+
+    fn templates_of(&self, image: &Digest) -> usize {
+        let Ok(templates) = self.template_store() else {
+            return 0;
+        };
+        let image = image.to_string();
+        templates
+            .list()
+            .into_iter()
+            .filter(|(_, lookup)| {
+                matches!(lookup, crate::templates::Lookup::Found(t) if t.manifest.inputs.image == image)
+            })
+            .count()
     }
 
     async fn blocking<T: Send + 'static>(

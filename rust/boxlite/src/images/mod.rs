@@ -8,7 +8,7 @@
 
 mod config;
 mod digest;
-mod gc;
+pub(crate) mod gc;
 mod layout;
 mod manager;
 mod oci;

@@ -385,4 +385,85 @@ mod tests {
         let long = format!("{}.io/{}", "r".repeat(200), "p".repeat(60));
         assert!(Reference::parse(&long).is_err());
     }
+
+    /// Text drawn from the characters references are made of, plus a few that never belong.
+    fn reference_like() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::string::string_regex(
+            "[a-zA-Z0-9._:/@\\-\\[\\]]{0,40}(@sha256:[0-9a-f]{0,70})?[ \u{e9}\u{0}]?",
+        )
+        .expect("a valid pattern")
+    }
+
+    /// References the grammar accepts, built from its parts.
+    fn valid_reference() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        // No '.': a first component with one would be taken for a registry (Docker's rule).
+        let component = "[a-z0-9]{1,8}((__|_|-+)[a-z0-9]{1,8}){0,2}";
+        let domain = prop_oneof![
+            Just(String::new()),
+            Just("localhost/".to_string()),
+            "[a-z][a-z0-9]{0,8}\\.[a-z]{2,4}(:[0-9]{1,5})?/",
+            Just("[::1]:5000/".to_string()),
+        ];
+        let path = proptest::collection::vec(
+            proptest::string::string_regex(component).expect("pattern"),
+            1..4,
+        )
+        .prop_map(|parts| parts.join("/"));
+        let tag = prop_oneof![
+            Just(String::new()),
+            "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}".prop_map(|t| format!(":{t}"))
+        ];
+        let digest = prop_oneof![
+            Just(String::new()),
+            "[0-9a-f]{64}".prop_map(|h| format!("@sha256:{h}"))
+        ];
+        (domain, path, tag, digest).prop_map(|(d, p, t, g)| format!("{d}{p}{t}{g}"))
+    }
+
+    fn same(a: &Reference, b: &Reference) -> bool {
+        (a.registry(), a.repository(), a.tag(), a.digest())
+            == (b.registry(), b.repository(), b.tag(), b.digest())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_text_is_parsed_or_refused_never_a_panic(text in proptest::string::string_regex("(?s).{0,300}").expect("pattern")) {
+            if let Err(e) = Reference::parse(&text) {
+                proptest::prop_assert_eq!(e.kind(), "invalid_argument");
+            }
+        }
+
+        #[test]
+        fn reference_shaped_text_normalizes_to_a_fixed_point(text in reference_like()) {
+            if let Ok(r) = Reference::parse(&text) {
+                // The normalized form parses to the same reference (or is refused only for the
+                // whole-name length, which normalizing can push over, as with Docker).
+                match Reference::parse(&r.to_string()) {
+                    Ok(again) => proptest::prop_assert!(same(&r, &again), "{text:?} -> {r} -> {again}"),
+                    Err(e) => proptest::prop_assert!(e.to_string().contains("longer than"), "{text:?} -> {r}: {e}"),
+                }
+                proptest::prop_assert!(r.to_string().is_ascii());
+            }
+        }
+
+        #[test]
+        fn the_grammar_is_accepted_and_mutations_never_panic(
+            text in valid_reference(),
+            cut in 0usize..80,
+            insert in proptest::option::of((0usize..80, proptest::char::any())),
+        ) {
+            let r = Reference::parse(&text);
+            proptest::prop_assert!(r.is_ok(), "{text:?}: {r:?}");
+            let mut mutated: Vec<char> = text.chars().collect();
+            mutated.truncate(mutated.len().saturating_sub(cut));
+            if let Some((at, c)) = insert {
+                mutated.insert(at.min(mutated.len()), c);
+            }
+            let mutated: String = mutated.into_iter().collect();
+            let _ = Reference::parse(&mutated);
+        }
+    }
 }

@@ -54,7 +54,7 @@ impl LiteBox {
         let status = self.record()?.status;
         if matches!(
             status,
-            BoxStatus::Configured | BoxStatus::Stopped | BoxStatus::Failed
+            BoxStatus::Configured | BoxStatus::Stopped | BoxStatus::Failed | BoxStatus::Paused
         ) {
             match self.start().await {
                 Ok(()) => {}

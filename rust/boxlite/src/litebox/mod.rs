@@ -5,6 +5,7 @@
 
 mod command;
 mod connection;
+mod fork;
 mod lifecycle;
 mod status;
 
@@ -284,21 +285,24 @@ impl LiteBox {
     }
 
     /// Copies the box path `src` to the host: to `dest` exactly, or into `dest` when it is an
-    /// existing directory or ends with `/`. Nothing lands outside `dest`.
+    /// existing directory or ends with `/`. Nothing lands outside `dest`; at most `max_bytes` of
+    /// file content (default [`crate::copy::COPY_OUT_LIMIT`]) is written.
     pub async fn copy_out(
         &self,
         src: &str,
         dest: &Path,
         options: CopyOptions,
+        max_bytes: Option<u64>,
     ) -> BoxliteResult<()> {
         let client = self.running_client().await?;
-        crate::copy::copy_out(&client, src, dest, options).await
+        crate::copy::copy_out(&client, src, dest, options, max_bytes).await
     }
 
-    /// The contents of the regular file `path` in the box.
-    pub async fn read_file(&self, path: &str) -> BoxliteResult<Vec<u8>> {
+    /// The contents of the regular file `path` in the box, at most `max_bytes` (default
+    /// [`crate::copy::READ_FILE_LIMIT`]).
+    pub async fn read_file(&self, path: &str, max_bytes: Option<u64>) -> BoxliteResult<Vec<u8>> {
         let client = self.running_client().await?;
-        crate::copy::read_file(&client, path).await
+        crate::copy::read_file(&client, path, max_bytes).await
     }
 
     /// Writes `data` to `path` in the box with permission bits `mode`, replacing the file and

@@ -15,6 +15,11 @@ pub enum BoxStatus {
     Stopped,
     /// The last start failed; `start()` may try again.
     Failed,
+    /// Its VM is being saved (`pause()`).
+    Pausing,
+    /// Its VM's memory and devices are saved; `resume()` (or `start()`) brings it back with
+    /// its processes, `stop()` discards the saved state.
+    Paused,
 }
 
 /// What happens to a box.
@@ -30,16 +35,24 @@ pub(crate) enum Event {
     Stop,
     /// Its engine is gone: stopped on request, or died (killed, crashed, powered off).
     EngineGone,
+    /// `pause()` begins saving it.
+    Pause,
+    /// Its saved state is complete and its engine gone.
+    Saved,
+    /// `stop()` on a paused box: the saved state is thrown away.
+    Discard,
 }
 
 impl BoxStatus {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Configured,
         Self::Starting,
         Self::Running,
         Self::Stopping,
         Self::Stopped,
         Self::Failed,
+        Self::Pausing,
+        Self::Paused,
     ];
 
     pub fn parse(text: &str) -> Option<Self> {
@@ -54,12 +67,17 @@ impl BoxStatus {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
+            Self::Pausing => "pausing",
+            Self::Paused => "paused",
         }
     }
 
     /// Whether a supervisor process should exist for a box in this status.
     pub fn has_engine(self) -> bool {
-        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Stopping | Self::Pausing
+        )
     }
 
     /// The status after `event`, or `None` if the event cannot happen now.
@@ -67,13 +85,18 @@ impl BoxStatus {
         use BoxStatus as S;
         use Event as E;
         match (self, event) {
-            (S::Configured | S::Stopped | S::Failed, E::Start) => Some(S::Starting),
+            (S::Configured | S::Stopped | S::Failed | S::Paused, E::Start) => Some(S::Starting),
             (S::Starting, E::Booted) => Some(S::Running),
             (S::Starting, E::BootFailed) => Some(S::Failed),
             (S::Running, E::Stop) => Some(S::Stopping),
             // A box whose engine is gone is stopped, whichever way it went.
             (S::Starting, E::EngineGone) => Some(S::Failed),
             (S::Running | S::Stopping, E::EngineGone) => Some(S::Stopped),
+            (S::Running, E::Pause) => Some(S::Pausing),
+            (S::Pausing, E::Saved) => Some(S::Paused),
+            // A pause that did not finish lost the box's memory: it is stopped.
+            (S::Pausing, E::EngineGone) => Some(S::Stopped),
+            (S::Paused, E::Discard) => Some(S::Stopped),
             _ => None,
         }
     }
@@ -101,7 +124,7 @@ mod tests {
         for status in S::ALL {
             assert_eq!(S::parse(status.as_str()), Some(status));
         }
-        assert_eq!(S::parse("paused"), None);
+        assert_eq!(S::parse("frozen"), None);
     }
 
     #[test]
@@ -124,13 +147,27 @@ mod tests {
             (S::Stopped, E::EngineGone, None),
             (S::Configured, E::Booted, None),
             (S::Running, E::Booted, None),
+            (S::Running, E::Pause, Some(S::Pausing)),
+            (S::Pausing, E::Saved, Some(S::Paused)),
+            (S::Pausing, E::EngineGone, Some(S::Stopped)),
+            (S::Paused, E::Discard, Some(S::Stopped)),
+            (S::Paused, E::Start, Some(S::Starting)),
         ];
         for (from, event, to) in expected {
             assert_eq!(from.on(event), to, "{from} on {event:?}");
         }
         // Exhaustive: every pair not listed above is refused.
         for from in S::ALL {
-            for event in [E::Start, E::Booted, E::BootFailed, E::Stop, E::EngineGone] {
+            for event in [
+                E::Start,
+                E::Booted,
+                E::BootFailed,
+                E::Stop,
+                E::EngineGone,
+                E::Pause,
+                E::Saved,
+                E::Discard,
+            ] {
                 if !expected.iter().any(|(f, e, _)| *f == from && *e == event) {
                     assert_eq!(from.on(event), None, "{from} on {event:?}");
                 }

@@ -9,6 +9,8 @@
 mod client;
 mod network;
 mod server;
+mod start;
+pub(crate) mod template;
 
 use serde::{Deserialize, Serialize};
 
@@ -17,13 +19,26 @@ use crate::units::Seconds;
 use crate::vmm::VmConfig;
 
 pub(crate) use client::{connect, locate_shim, spawn};
+pub(crate) use start::StartFrom;
 
-pub use server::main;
+/// Entry point of the `boxlite-shim` binary: `boxlite-shim <shim.json>` supervises a box,
+/// `boxlite-shim --template <job.json>` makes a template.
+pub fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == "--template") {
+        return template::main(args.next().map(std::path::PathBuf::from));
+    }
+    server::main()
+}
 
 /// What the shim is told to run (`<box dir>/shim.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ShimConfig {
     pub qemu: std::path::PathBuf,
+    pub box_id: String,
+    /// Boot, or load a saved state.
+    #[serde(default)]
+    pub start: StartFrom,
     pub vm: VmConfig,
     pub boot_timeout: Seconds,
     /// Where clients connect.
@@ -32,6 +47,12 @@ pub(crate) struct ShimConfig {
     pub hostname: String,
     /// The box's network, served by the shim on `vm.network`'s socket.
     pub network: Option<ShimNetwork>,
+    /// How the agent confines the box's commands.
+    #[serde(default)]
+    pub sandbox: boxlite_proto::GuestSandbox,
+    /// Where a pause writes the VM's saved state.
+    #[serde(default)]
+    pub saved_state: Option<std::path::PathBuf>,
 }
 
 /// The policy and ports of a box's network (see `boxlite-net`).

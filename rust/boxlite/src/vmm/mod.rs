@@ -2,6 +2,7 @@
 
 pub mod accel;
 pub mod bundle;
+pub(crate) mod jail;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -39,6 +40,39 @@ pub struct NetDevice {
     pub mac: String,
 }
 
+/// How the engine process is confined (see `boxlite-jail` and docs/security.md): it sees only
+/// its own files, the guest bundle and its read-only disks, in fresh namespaces, without
+/// capabilities, as a dedicated uid when the host runs as root.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JailConfig {
+    /// An empty directory the jail builds its root in (inside its own mount namespace).
+    pub root: PathBuf,
+    /// Picks the dedicated uid/gid when the host runs as root (the box id: stable per box).
+    pub id_key: String,
+    /// Directories the engine writes in: the box directory (overlay disk, sockets).
+    pub rw_dirs: Vec<PathBuf>,
+    /// Further files the engine only reads (the disks under the overlay).
+    pub ro_paths: Vec<PathBuf>,
+    /// Files the engine opens for writing without owning them: a template's RAM file, which
+    /// QEMU 7.2 opens read-write even to map it privately.
+    #[serde(default)]
+    pub rw_files: Vec<PathBuf>,
+}
+
+/// Where a VM's RAM lives. Every VM names its RAM backend (`mem`), so a saved state loads
+/// into any of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MemorySource {
+    /// Anonymous memory: a box booted cold.
+    #[default]
+    Anonymous,
+    /// A file the guest writes its RAM through to: a template being made.
+    SharedFile(PathBuf),
+    /// A template's RAM file mapped copy-on-write: a box started from a template. Its pages
+    /// are shared with every other box of that template until written.
+    PrivateFile(PathBuf),
+}
+
 /// Everything an engine needs to start one VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -59,6 +93,17 @@ pub struct VmConfig {
     /// The box's network interface; without one the guest has no `eth0`.
     #[serde(default)]
     pub network: Option<NetDevice>,
+    /// Confine the engine process; `None` runs it as the caller.
+    #[serde(default)]
+    pub jail: Option<JailConfig>,
+    #[serde(default)]
+    pub memory_source: MemorySource,
+    /// A unix socket the engine listens on for control (QMP): save, load, stop, continue.
+    #[serde(default)]
+    pub qmp_socket: Option<PathBuf>,
+    /// Wait for a saved state to be loaded over the control socket instead of booting.
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 /// Bytes of guest console kept on disk per VM.

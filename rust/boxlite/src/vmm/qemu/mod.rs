@@ -1,10 +1,12 @@
 //! The QEMU engine: `qemu-system-<arch>` from the OS packages, one child process per VM.
 
+pub mod qmp;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{Accel, DiskFormat, Engine, VmConfig, CONSOLE_LOG_LIMIT};
+use super::{Accel, DiskFormat, Engine, MemorySource, VmConfig, CONSOLE_LOG_LIMIT};
 use crate::error::{BoxliteError, BoxliteResult};
 use crate::process::{ChildOptions, GuardedChild};
 
@@ -63,9 +65,11 @@ impl QemuEngine {
     pub fn args(&self, config: &VmConfig) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
-        let machine = match (std::env::consts::ARCH, config.accel) {
-            ("aarch64", _) => "virt",
-            _ => "q35",
+        // The machine version is pinned: a saved state loads only into the same one, and the
+        // `q35` alias moves with QEMU upgrades.
+        let machine = match std::env::consts::ARCH {
+            "aarch64" => "virt,memory-backend=mem",
+            _ => "pc-q35-7.2,memory-backend=mem",
         };
         let cpu = match config.accel {
             Accel::Tcg => "max",
@@ -79,12 +83,8 @@ impl QemuEngine {
         };
         push(&["-name", &config.name]);
         push(&["-machine", machine, "-accel", accel, "-cpu", cpu]);
-        push(&[
-            "-smp",
-            &config.cpus.to_string(),
-            "-m",
-            &format!("{}M", config.memory.as_mib()),
-        ]);
+        let mib = config.memory.as_mib();
+        push(&["-smp", &config.cpus.to_string(), "-m", &format!("{mib}M")]);
         push(&[
             "-nodefaults",
             "-no-user-config",
@@ -98,6 +98,12 @@ impl QemuEngine {
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
+        args.push("-object".into());
+        args.push(memory_backend_arg(&config.memory_source, mib));
+        if config.memory_source != MemorySource::Anonymous {
+            // A device that cannot be saved would make the saved state useless.
+            args.push("-only-migratable".into());
+        }
         args.push("-kernel".into());
         args.push(config.kernel.clone().into());
         args.push("-initrd".into());
@@ -130,6 +136,18 @@ impl QemuEngine {
             args.push(format!("virtio-net-pci,netdev=net0,romfile=,mac={}", net.mac).into());
         }
 
+        if let Some(qmp) = &config.qmp_socket {
+            let mut arg = OsString::from("unix:");
+            arg.push(escape_commas(qmp.as_os_str()));
+            arg.push(",server=on,wait=off");
+            args.push("-qmp".into());
+            args.push(arg);
+        }
+        if config.incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
+        }
+
         for (index, disk) in config.disks.iter().enumerate() {
             let format = match disk.format {
                 DiskFormat::Raw => "raw",
@@ -138,8 +156,10 @@ impl QemuEngine {
             let cache = if disk.volatile { "unsafe" } else { "writeback" };
             let mut drive = OsString::from("file=");
             drive.push(escape_commas(disk.path.as_os_str()));
+            // A full host filesystem is an I/O error the guest sees (and reports), not a VM
+            // paused until someone frees space (QEMU's default).
             drive.push(format!(
-                ",if=none,id=disk{index},format={format},cache={cache},discard=unmap"
+                ",if=none,id=disk{index},format={format},cache={cache},discard=unmap,werror=report,rerror=report"
             ));
             args.push("-drive".into());
             args.push(drive);
@@ -156,16 +176,39 @@ impl Engine for QemuEngine {
     }
 
     fn spawn(&self, config: &VmConfig) -> BoxliteResult<GuardedChild> {
-        let mut command = Command::new(&self.binary);
-        command.args(self.args(config));
         let options = ChildOptions {
             log_path: config.console_log.clone(),
             log_limit: CONSOLE_LOG_LIMIT,
             die_with_parent: true,
             capture_stdout: false,
         };
-        Ok(GuardedChild::spawn(command, &options)?.0)
+        match &config.jail {
+            Some(jail) => {
+                let spec = super::jail::spec(&self.binary, config, jail)?;
+                GuardedChild::spawn_jailed(&spec, &self.binary, &self.args(config), &options)
+            }
+            None => {
+                let mut command = Command::new(&self.binary);
+                command.args(self.args(config));
+                Ok(GuardedChild::spawn(command, &options)?.0)
+            }
+        }
     }
+}
+
+fn memory_backend_arg(source: &MemorySource, mib: u64) -> OsString {
+    let (path, share) = match source {
+        MemorySource::Anonymous => {
+            return format!("memory-backend-ram,id=mem,size={mib}M").into();
+        }
+        MemorySource::SharedFile(path) => (path, "on"),
+        MemorySource::PrivateFile(path) => (path, "off"),
+    };
+    let mut arg = OsString::from(format!(
+        "memory-backend-file,id=mem,size={mib}M,share={share},mem-path="
+    ));
+    arg.push(escape_commas(path.as_os_str()));
+    arg
 }
 
 fn chardev_socket_arg(path: &Path) -> OsString {
@@ -234,6 +277,10 @@ mod tests {
             console_log: "/h/console.log".into(),
             accel: Accel::Tcg,
             network: None,
+            jail: None,
+            memory_source: MemorySource::Anonymous,
+            qmp_socket: None,
+            incoming: false,
         }
     }
 
@@ -252,6 +299,7 @@ mod tests {
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("-nodefaults"));
         assert!(joined.contains("file=/h/a,,b.qcow2,if=none,id=disk0,format=qcow2,cache=writeback"));
+        assert!(joined.contains("werror=report,rerror=report"));
         assert!(joined.contains("socket,id=agent,path=/h/agent.sock"));
         assert!(joined.contains("name=boxlite.agent"));
         assert!(joined.contains("console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests noreplace-smp boxlite.root=/dev/vda"));
@@ -260,6 +308,40 @@ mod tests {
             "no network device without a network"
         );
         assert_eq!(args.iter().filter(|a| *a == "-device").count(), 3);
+        assert!(joined.contains("-machine pc-q35-7.2,memory-backend=mem"));
+        assert!(joined.contains("-object memory-backend-ram,id=mem,size=512M"));
+        assert!(!joined.contains("-qmp") && !joined.contains("-incoming"));
+        assert!(!joined.contains("-only-migratable"));
+    }
+
+    #[test]
+    fn templates_and_their_boxes_share_a_ram_file() {
+        let engine = QemuEngine {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        let mut config = config();
+        config.memory_source = MemorySource::SharedFile("/t/r,am".into());
+        config.qmp_socket = Some("/h/qmp.sock".into());
+        let joined = engine
+            .args(&config)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined
+            .contains("-object memory-backend-file,id=mem,size=512M,share=on,mem-path=/t/r,,am"));
+        assert!(joined.contains("-only-migratable"));
+        assert!(joined.contains("-qmp unix:/h/qmp.sock,server=on,wait=off"));
+        config.memory_source = MemorySource::PrivateFile("/t/ram".into());
+        config.incoming = true;
+        let joined = engine
+            .args(&config)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("share=off,mem-path=/t/ram"));
+        assert!(joined.contains("-incoming defer"));
     }
 
     #[test]
