@@ -34,14 +34,8 @@ def namespaces(pid: int | str) -> dict[str, str]:
 
 
 def shim_of(box: boxlite.Box) -> int:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"boxlite-shim" in cmdline and box.id.encode() in cmdline:
-                return int(entry.name)
+    for pid in engine_pids(box.id, "boxlite-shim"):
+        return pid
     raise AssertionError(f"no supervisor found for {box.id}")
 
 

@@ -303,15 +303,7 @@ def mode_bundle(hostile_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def leftovers(home: Path) -> list[int]:
     """Live QEMU and supervisor processes of `home`."""
-    pids = set(engine_pids(str(home)))
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"boxlite-shim" in cmdline and str(home).encode() in cmdline:
-                pids.add(int(entry.name))
+    pids = set(engine_pids(str(home))) | set(engine_pids(str(home), "boxlite-shim"))
     return [pid for pid in pids if pid_alive(pid)]
 
 

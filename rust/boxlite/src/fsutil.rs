@@ -74,12 +74,7 @@ pub(crate) struct FileLock {
 impl FileLock {
     /// Opens (creating) `path` and waits for the lock.
     pub fn acquire_blocking(path: &Path, mode: LockMode) -> BoxliteResult<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .ctx(|| format!("opening lock {}", path.display()))?;
+        let file = open_lock_file(path)?;
         loop {
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), mode.op()) } == 0 {
@@ -94,12 +89,7 @@ impl FileLock {
 
     /// Takes the lock if it is free now; `None` while another holds it.
     pub fn try_acquire(path: &Path, mode: LockMode) -> BoxliteResult<Option<Self>> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .ctx(|| format!("opening lock {}", path.display()))?;
+        let file = open_lock_file(path)?;
         loop {
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), mode.op() | libc::LOCK_NB) } == 0 {
@@ -130,6 +120,16 @@ impl FileLock {
         // SAFETY: flock on a descriptor we own; a successful probe is released at close.
         unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
     }
+}
+
+/// A lock file, created if missing, never truncated (its contents do not matter).
+fn open_lock_file(path: &Path) -> BoxliteResult<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ctx(|| format!("opening lock {}", path.display()))
 }
 
 #[cfg(test)]

@@ -11,12 +11,12 @@ use crate::disks::{create_clone_overlay, create_overlay, BaseDiskStore};
 use crate::error::{task_failed, BoxliteError, BoxliteResult, IoContext};
 use crate::fsutil::{FileLock, LockMode};
 use crate::ids::BoxID;
-use crate::images::{ImageConfig, ImageManager, OciLayout};
+use crate::images::{ImageManager, OciLayout};
 use crate::litebox::{BoxInfo, BoxInner, BoxStatus, Connection, Event, LiteBox};
 use crate::metrics::{RuntimeMetrics, StageTimings};
 use crate::options::{BoxOptions, BoxliteOptions};
 use crate::shim::template::TemplateJob;
-use crate::state::{now_ms, BoxRecord, ProcessId, StateStore};
+use crate::state::{BoxRecord, ProcessId, StateStore};
 use crate::templates::{Template, Templates};
 use crate::vm::{socket_dir, VmEnv};
 use crate::vmm::{accel, qemu::QemuEngine, Accel, AccelChoice, GuestBundle};
@@ -419,21 +419,7 @@ impl BoxliteRuntime {
         let lock = shared.lock_box(&id).await?;
         // The name is reserved before the slow stages; the record is complete only when the
         // box has started.
-        let record = BoxRecord {
-            id,
-            name: options.name.clone(),
-            image: String::new(),
-            image_config: ImageConfig::default(),
-            base_disk: PathBuf::new(),
-            status: BoxStatus::Configured,
-            shim: None,
-            engine_pid: None,
-            creator: ProcessId::current(),
-            ports: Vec::new(),
-            created_at_ms: now_ms(),
-            started_at_ms: None,
-            options,
-        };
+        let record = BoxRecord::creating(id, options);
         if let Err(e) = shared.store.insert(&record) {
             cleanup.armed = false;
             let _ = std::fs::remove_dir_all(&dir);

@@ -61,6 +61,28 @@ pub(crate) struct BoxRecord {
     pub started_at_ms: Option<i64>,
 }
 
+impl BoxRecord {
+    /// The record of a box this process is creating from `options`: not yet started, its
+    /// image still to be set, rolled back if this process dies before it finishes.
+    pub fn creating(id: BoxID, options: BoxOptions) -> Self {
+        Self {
+            id,
+            name: options.name.clone(),
+            image: String::new(),
+            image_config: ImageConfig::default(),
+            base_disk: PathBuf::new(),
+            status: BoxStatus::Configured,
+            shim: None,
+            engine_pid: None,
+            creator: ProcessId::current(),
+            ports: Vec::new(),
+            created_at_ms: now_ms(),
+            started_at_ms: None,
+            options,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct StateStore {
     conn: Mutex<Connection>,

@@ -105,21 +105,7 @@ pub(crate) async fn launch(
         },
         Err(e) => Err(e),
     };
-    match outcome {
-        Ok((client, ready, qmp)) => Ok(RunningVm {
-            child,
-            client,
-            ready,
-            qmp,
-            boot_ms: started.elapsed().as_millis(),
-            spawn_ms,
-        }),
-        Err(e) => {
-            child.kill_and_wait().await;
-            let _ = std::fs::remove_file(socket);
-            Err(e)
-        }
-    }
+    running_or_gone(child, socket, outcome, started, spawn_ms).await
 }
 
 /// Starts the VM from a saved state: spawns the engine waiting for it (`config.incoming`),
@@ -181,12 +167,25 @@ pub(crate) async fn restore(
     }
     .await;
     drop(listener);
+    let outcome = outcome.map(|(client, qmp)| (client, saved.ready.clone(), Some(qmp)));
+    running_or_gone(child, socket, outcome, started, spawn_ms).await
+}
+
+/// The running VM once its engine is up and its agent answered; on failure the engine is
+/// killed and its agent socket removed.
+async fn running_or_gone(
+    child: GuardedChild,
+    socket: &Path,
+    outcome: BoxliteResult<(AgentClient, Message, Option<Qmp>)>,
+    started: Instant,
+    spawn_ms: u128,
+) -> BoxliteResult<RunningVm> {
     match outcome {
-        Ok((client, qmp)) => Ok(RunningVm {
+        Ok((client, ready, qmp)) => Ok(RunningVm {
             child,
             client,
-            ready: saved.ready.clone(),
-            qmp: Some(qmp),
+            ready,
+            qmp,
             boot_ms: started.elapsed().as_millis(),
             spawn_ms,
         }),

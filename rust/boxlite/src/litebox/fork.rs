@@ -12,7 +12,7 @@ use super::{BoxStatus, LiteBox};
 use crate::disks::create_clone_overlay;
 use crate::error::{BoxliteResult, IoContext};
 use crate::ids::BoxID;
-use crate::state::{now_ms, BoxRecord, ProcessId};
+use crate::state::BoxRecord;
 
 impl LiteBox {
     /// Makes a new running box from this running (or paused) one; both continue from the same
@@ -54,21 +54,13 @@ impl LiteBox {
         let id = BoxID::new();
         let dir = runtime.box_dir(&id);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        // Paused from the start: its first start resumes the shared state.
         let record = BoxRecord {
-            id,
-            name: options.name.clone(),
             image: parent.image.clone(),
             image_config: parent.image_config.clone(),
             base_disk: parent.base_disk.clone(),
             status: BoxStatus::Paused,
-            shim: None,
-            engine_pid: None,
-            // Until the child first runs: a crash before that rolls it back.
-            creator: ProcessId::current(),
-            ports: Vec::new(),
-            created_at_ms: now_ms(),
-            started_at_ms: None,
-            options,
+            ..BoxRecord::creating(id, options)
         };
         if let Err(e) = runtime.store.insert(&record) {
             let _ = std::fs::remove_dir_all(&dir);
