@@ -62,7 +62,7 @@ class Ctx:
         """A runtime home whose base disk for the demo image is already built."""
         if self._home is None:
             home = self.new_home("cached")
-            rt = boxlite.Boxlite(boxlite.Options(home_dir=home))
+            rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
             box = await rt.create(self.options())
             self.remember_argv(box)
             await box.stop()
@@ -144,7 +144,7 @@ async def fig_boot(ctx: Ctx, with_create: bool) -> list[Figure]:
     rt = None
     if with_create:
         home = await ctx.cached_home()
-        rt = boxlite.Boxlite(boxlite.Options(home_dir=home))
+        rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
     for _ in range(n):
         boot = engine.floor_boot(argv)
         f_init.append(boot.init_ms)
@@ -239,7 +239,7 @@ async def install_helper(ctx: Ctx, box: boxlite.Box) -> str:
 async def fig_warm_exec(ctx: Ctx) -> list[Figure]:
     fig = Figure("warm_exec", "Warm exec round trip: `true` in a running box")
     n = ctx.runs(300, 30)
-    rt = boxlite.Boxlite(boxlite.Options(home_dir=await ctx.cached_home()))
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=await ctx.cached_home()))
     box = await rt.create(ctx.options())
     try:
         helper = await install_helper(ctx, box)
@@ -288,7 +288,7 @@ async def fig_streaming(ctx: Ctx) -> list[Figure]:
     fig = Figure("streaming", f"stdout throughput: {ctx.stream_mib} MiB from `head -c` in the box")
     n = ctx.runs(2, 1)
     size = ctx.stream_mib * MIB
-    rt = boxlite.Boxlite(boxlite.Options(home_dir=await ctx.cached_home()))
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=await ctx.cached_home()))
     box = await rt.create(ctx.options())
     rates: list[float] = []
     guest_rates: list[float] = []
@@ -332,7 +332,7 @@ async def fig_concurrency(ctx: Ctx) -> list[Figure]:
     walls: dict[int, list[float]] = {}
     for n_boxes in (1, 2, 4, 8):
         for _ in range(ctx.runs(3 if n_boxes == 1 else 2, 1)):
-            rt = boxlite.Boxlite(boxlite.Options(home_dir=home))
+            rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
             started = time.perf_counter()
             results = await asyncio.gather(*(rt.create(ctx.options()) for _ in range(n_boxes)), return_exceptions=True)
             wall = (time.perf_counter() - started) * 1000
@@ -380,7 +380,7 @@ out = {"interpreter_mib": rss()}
 import boxlite
 out["after_import_mib"] = rss()
 async def main():
-    rt = boxlite.Boxlite(boxlite.Options(home_dir=sys.argv[2]))
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=sys.argv[2]))
     box = await rt.create(boxlite.BoxOptions(rootfs_path=sys.argv[1], cpus=1, memory_mib=256))
     await (await box.exec("true", [])).wait()
     out["one_box_running_mib"] = rss()
@@ -402,7 +402,7 @@ def runtime_rss_probe(image: Path, home: Path) -> dict[str, float]:
 async def fig_memory(ctx: Ctx) -> list[Figure]:
     fig = Figure("memory", "Memory per idle box (host side)")
     home = await ctx.cached_home()
-    rt = boxlite.Boxlite(boxlite.Options(home_dir=home))
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
     n = ctx.runs(3, 1)
     boxes = [await rt.create(ctx.options()) for _ in range(n)]
     samples: dict[str, list[float]] = {}
@@ -449,7 +449,7 @@ async def fig_memory(ctx: Ctx) -> list[Figure]:
 async def boxlite_pull_seconds(registry: str, ref: str, home: Path) -> float:
     """`runtime.images.pull(ref)` into a fresh home, timed. Raises NotImplementedError with the
     reason when this build of boxlite has no image store yet."""
-    options: dict[str, Any] = {"home_dir": home}
+    options: dict[str, Any] = {"home_dir": home, "templates": False}
     if hasattr(boxlite, "ImageRegistry"):
         options["image_registries"] = [boxlite.ImageRegistry(registry, transport="http")]  # type: ignore[attr-defined]
     try:
@@ -498,7 +498,7 @@ async def fig_images(ctx: Ctx) -> list[Figure]:
     rootfs_ms: list[float] = []
     umoci_ms: list[float] = []
     for _ in range(n):
-        rt = boxlite.Boxlite(boxlite.Options(home_dir=ctx.new_home("unpack")))
+        rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=ctx.new_home("unpack")))
         box = await rt.create(ctx.options(layout))
         m = await box.metrics()
         await box.stop()
@@ -557,7 +557,7 @@ async def fig_images(ctx: Ctx) -> list[Figure]:
 
 async def fig_stop_restart(ctx: Ctx) -> list[Figure]:
     fig = Figure("stop_restart", "Stop latency, and restart (stop -> start -> first exec) of a box with state")
-    rt = boxlite.Boxlite(boxlite.Options(home_dir=await ctx.cached_home()))
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=await ctx.cached_home()))
     n = ctx.runs(5, 2)
     box = await rt.create(ctx.options())
     stop_ms: list[float] = []
@@ -702,7 +702,7 @@ async def fig_net_connect(ctx: Ctx) -> list[Figure]:
 async def fig_net_boot_cost(ctx: Ctx) -> list[Figure]:
     fig = Figure("net_boot_cost", "Create -> first exec with a network (the default) and without")
     home = await ctx.cached_home()
-    rt = boxlite.Boxlite(boxlite.Options(home_dir=home))
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
     n = ctx.runs(8, 2)
     samples: dict[str, dict[str, list[float]]] = {"with": {}, "without": {}}
     for i in range(n):
@@ -751,6 +751,133 @@ async def fig_net_boot_cost(ctx: Ctx) -> list[Figure]:
     return [fig]
 
 
+# 9: memory templates, pause and resume ----------------------------------------------------------
+
+
+def wait_for_template(home: Path, within: float = 180.0) -> bool:
+    """Waits until the home has a template in its index (the maker runs in the background)."""
+    index = home / "templates" / "index"
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if index.is_dir() and any(index.iterdir()):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def pss_mib(pid: int) -> float:
+    for line in read_text(f"/proc/{pid}/smaps_rollup").splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def fig_templates(ctx: Ctx) -> list[Figure]:
+    """Create -> first exec from a template against a cold boot (interleaved, same home), the
+    memory of idle boxes of each kind, and pause/resume of a running box."""
+    fig = Figure("templates", "Memory templates: create -> first exec, idle memory, pause/resume")
+    home = ctx.new_home("templates")
+    warm_rt = boxlite.Boxlite(boxlite.Options(home_dir=home, templates=True))
+    cold_rt = boxlite.Boxlite(boxlite.Options(home_dir=home, templates=False))
+    first = await warm_rt.create(ctx.options())
+    await first.stop()
+    if not wait_for_template(home):
+        return [fig.not_available("no template was made within 180 s (see templates/build.log)")]
+    warm: list[float] = []
+    cold: list[float] = []
+    for _ in range(ctx.runs(10, 3)):
+        for rt, samples in ((warm_rt, warm), (cold_rt, cold)):
+            started = time.perf_counter()
+            box = await rt.create(ctx.options())
+            await run_in_box(box, "true")
+            samples.append((time.perf_counter() - started) * 1000)
+            from_template = (await box.metrics()).started_from_template
+            await box.stop()
+            if from_template != (rt is warm_rt):
+                fig.notes.append("a box did not start the way its runtime asked (template vs cold)")
+    fig.add("from_template_create_to_first_exec_ms", warm, "ms")
+    fig.add("cold_create_to_first_exec_ms", cold, "ms")
+    fig.ratios.append(
+        Ratio(
+            "template create -> first exec / cold",
+            ratio(fig.median("from_template_create_to_first_exec_ms"), fig.median("cold_create_to_first_exec_ms")),
+            0.15,
+        )
+    )
+
+    # Idle memory: many boxes from one template against one cold box, times as many.
+    n = ctx.runs(20, 4)
+    clones = [await warm_rt.create(ctx.options()) for _ in range(n)]
+    try:
+        for box in clones:
+            await run_in_box(box, "true")
+        await asyncio.sleep(5)  # idle
+        clone_pss = [pss_mib(int(info_get(b, "pid"))) for b in clones]
+    finally:
+        for box in clones:
+            await box.stop()
+    colds = [await cold_rt.create(ctx.options()) for _ in range(ctx.runs(3, 1))]
+    try:
+        for box in colds:
+            await run_in_box(box, "true")
+        await asyncio.sleep(5)
+        cold_pss = [pss_mib(int(info_get(b, "pid"))) for b in colds]
+    finally:
+        for box in colds:
+            await box.stop()
+    fig.add("from_template_idle_engine_pss_mib", clone_pss, "MiB")
+    fig.add("cold_idle_engine_pss_mib", cold_pss, "MiB")
+    cold_median = fig.median("cold_idle_engine_pss_mib")
+    summed = sum(clone_pss)
+    fig.extra["idle_boxes"] = n
+    fig.extra["summed_template_pss_mib"] = round(summed, 1)
+    fig.ratios.append(
+        Ratio(
+            f"{n} idle boxes from one template, summed PSS / {n} x one cold box",
+            ratio(summed, n * cold_median if cold_median else None),
+            0.4,
+        )
+    )
+    per_clone = summed / n if n else None
+    fig.extra["boxes_in_20_gib_from_template"] = int(20 * 1024 / per_clone) if per_clone else None
+    fig.extra["boxes_in_20_gib_cold"] = int(20 * 1024 / cold_median) if cold_median else None
+
+    # Pause and resume with 100 MiB of touched memory (a tmpfs file), then fork.
+    pause: list[float] = []
+    resume: list[float] = []
+    fork: list[float] = []
+    box = await cold_rt.create(boxlite.BoxOptions(rootfs_path=ctx.image, cpus=ctx.cpus, memory_mib=512))
+    try:
+        await run_in_box(box, "sh", "-c", "head -c 104857600 /dev/urandom > /dev/shm/touched")
+        for _ in range(ctx.runs(5, 2)):
+            started = time.perf_counter()
+            await box.pause()
+            pause.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            await box.resume()
+            await run_in_box(box, "true")
+            resume.append((time.perf_counter() - started) * 1000)
+        for _ in range(ctx.runs(3, 1)):
+            started = time.perf_counter()
+            child = await box.fork()
+            await run_in_box(child, "true")
+            fork.append((time.perf_counter() - started) * 1000)
+            await child.stop()
+    finally:
+        await box.stop()
+    fig.add("pause_ms", pause, "ms")
+    fig.add("resume_to_first_exec_ms", resume, "ms")
+    fig.add("fork_to_child_first_exec_ms", fork, "ms")
+    fig.notes.append(
+        f"{ctx.memory_mib} MiB boxes, {ctx.cpus} vCPU; idle PSS measured 5 s after each box's first command; "
+        "pause/resume/fork on a 512 MiB box with 100 MiB written to /dev/shm (its RAM is written whole: "
+        "a paused box shares nothing); fork = pause, split disk and state, resume both"
+    )
+    warm_rt.close()
+    cold_rt.close()
+    return [fig]
+
+
 FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "boot_floor": fig_boot_floor,
     "cold_create": fig_cold_create,
@@ -763,4 +890,5 @@ FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "net_download": fig_net_download,
     "net_connect": fig_net_connect,
     "net_boot_cost": fig_net_boot_cost,
+    "templates": fig_templates,
 }
