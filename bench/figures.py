@@ -559,7 +559,9 @@ async def fig_stop_restart(ctx: Ctx) -> list[Figure]:
     fig = Figure("stop_restart", "Stop latency, and restart (stop -> start -> first exec) of a box with state")
     rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=await ctx.cached_home()))
     n = ctx.runs(5, 2)
-    box = await rt.create(ctx.options())
+    box = await rt.create(
+        boxlite.BoxOptions(rootfs_path=ctx.image, cpus=ctx.cpus, memory_mib=ctx.memory_mib, auto_remove=False)
+    )
     stop_ms: list[float] = []
     restart_ms: list[float] = []
     cold_ms: list[float] = []
@@ -582,6 +584,7 @@ async def fig_stop_restart(ctx: Ctx) -> list[Figure]:
                 raise RuntimeError(f"state lost across stop/start: {result.stdout!r}")
     finally:
         await box.stop()
+        await rt.remove(box.id)
     fig.add("stop_ms", stop_ms, "ms")
     fig.add("restart_to_first_exec_ms", restart_ms, "ms")
     fig.add("cold_create_to_first_exec_ms", cold_ms, "ms")
