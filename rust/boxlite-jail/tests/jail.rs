@@ -648,63 +648,6 @@ fn qemu_connects_to_a_host_unix_socket_from_the_jail() {
     assert!(status.success(), "QEMU quit cleanly: {status:?}");
 }
 
-/// A real boot (manual: needs the guest bundle; `cargo test -p boxlite-jail -- --ignored`).
-#[test]
-#[ignore = "needs the guest bundle (BOXLITE_GUEST_BUNDLE or build/guest)"]
-fn qemu_boots_the_guest_kernel_in_the_jail() {
-    if std::env::var(HELPER_ENV).is_ok() {
-        return;
-    }
-    let bundle = std::env::var_os("BOXLITE_GUEST_BUNDLE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/guest"));
-    let bundle = bundle.canonicalize().expect("the guest bundle exists");
-    let fixture = Fixture::new();
-    let mut spec = qemu_spec(&fixture);
-    spec.ro_binds.push(bundle.clone());
-    let kernel = bundle.join("vmlinuz").display().to_string();
-    let initrd = bundle.join("initramfs.cpio").display().to_string();
-    let argv = [
-        "-machine",
-        "q35",
-        "-accel",
-        "tcg,tb-size=32",
-        "-cpu",
-        "max",
-        "-m",
-        "256M",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-kernel",
-        &kernel,
-        "-initrd",
-        &initrd,
-        "-append",
-        "console=ttyS0 panic=-1",
-    ];
-    let start = Instant::now();
-    let mut child = spawn_ok(&spec, QEMU, &argv, piped());
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
-    let status = wait_timeout(&child, Duration::from_secs(120));
-    eprintln!("jailed boot to power-off: {:?}", start.elapsed());
-    assert!(status.success(), "{out}");
-    assert!(out.contains("Linux version"), "{out}");
-    assert!(out.contains("reboot: Power down"), "{out}");
-}
-
 /// Every process in the jail's PID namespace, by host pid.
 fn processes_in_pid_namespace(ns: &str) -> Vec<u32> {
     names("/proc")
