@@ -574,23 +574,15 @@ mod tests {
     use super::*;
 
     fn record(name: Option<&str>) -> BoxRecord {
-        BoxRecord {
-            id: BoxID::new(),
+        let options = BoxOptions {
+            rootfs_path: Some("/img".into()),
             name: name.map(str::to_owned),
-            options: BoxOptions {
-                rootfs_path: Some("/img".into()),
-                ..BoxOptions::default()
-            },
+            ..BoxOptions::default()
+        };
+        BoxRecord {
             image: "/img".into(),
-            image_config: ImageConfig::default(),
             base_disk: "/home/images/disks/x.ext4".into(),
-            status: BoxStatus::Configured,
-            shim: None,
-            engine_pid: None,
-            creator: ProcessId::current(),
-            ports: Vec::new(),
-            created_at_ms: now_ms(),
-            started_at_ms: None,
+            ..BoxRecord::creating(BoxID::new(), options)
         }
     }
 
