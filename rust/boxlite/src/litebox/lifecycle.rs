@@ -341,16 +341,17 @@ impl LiteBox {
         let Some(shim) = record.shim.filter(|_| record.status == BoxStatus::Running) else {
             return Err(self.wrong_state(record.status, "pause"));
         };
-        // This process's connection leaves first: its watcher must not take the end of the
-        // engine for a crash.
-        let current = self.inner.conn.lock().ok().and_then(|mut c| c.take());
-        let client = match &current {
+        let existing = self.inner.conn.lock().ok().and_then(|c| c.clone());
+        let client = match &existing {
             Some(conn) => conn.client.clone(),
             None => shim::connect(&self.inner.runtime.shim_socket(&self.inner.id)?).await?,
         };
         if store.apply(&self.inner.id, Event::Pause, None)?.is_none() {
             return Err(self.wrong_state(record.status, "pause"));
         }
+        // This process's connection leaves before the engine ends: its watcher must not take
+        // that for a crash.
+        let current = self.inner.conn.lock().ok().and_then(|mut c| c.take());
         let outcome = client.request_within(Message::Pause, PAUSE_TIMEOUT).await;
         let saved = outcome.is_ok() && self.saved_state_path().is_file();
         if saved {
