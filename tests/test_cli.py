@@ -308,11 +308,12 @@ def test_ctrl_c_in_a_tty_goes_to_the_box(shared_home: Path, svc: str) -> None:
         term.expect("# ")
         term.send("sleep 300; echo after-sleep\n")
         term.expect("after-sleep\r\n")  # the echo of the line: the shell has it
-        # ^C interrupts the sleep in the box, not the CLI. A ^C that arrives while the
-        # shell's line editor still owns the terminal is plain input (as on any terminal),
-        # so it is sent until the shell is back at its prompt.
+        # ^C interrupts the sleep in the box, not the CLI. A ^C that arrives before the shell
+        # has handed the terminal to the sleep's process group is the shell's own (plain input
+        # to its line editor, or an interrupt it defers until the sleep ends), as on any
+        # terminal, so it is sent every second until the shell is back at its prompt.
         term.expect("^C", resend="\x03")
-        term.expect("# ")
+        term.expect("# ", resend="\x03")
         term.send("echo still-here; exit 0\n")
         term.expect("still-here\r\n")
         assert term.finish() == 0
