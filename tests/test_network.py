@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import http.server
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ import pytest
 
 import boxlite
 from conftest import make_runtime, run
+from testkit.hostserver import HostServer
 from testkit.images import python_layout
 from testkit.wheels import pure_wheel
 
@@ -33,38 +32,6 @@ def options(layout: Path, **kwargs: object) -> boxlite.BoxOptions:
 @pytest.fixture(scope="module")
 def python_image() -> Path:
     return python_layout()
-
-
-class HostServer:
-    """An HTTP server on the host's loopback that counts the bytes it sent and received."""
-
-    def __init__(self, payload: bytes) -> None:
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                server.received += len(body)
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.received = 0
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,12 @@ import pytest
 
 import boxlite
 from conftest import engine_pids, make_runtime, pid_alive, run, settle_templates
+from testkit.hostserver import HostServer
 from testkit.images import built_images
 from testkit.registry import Registry
 
 MEMORY = 256
+HOST_ALIAS = "host.boxlite.internal"
 
 
 def options(image_layout: Path, **extra: object) -> boxlite.BoxOptions:
@@ -33,7 +35,7 @@ def builds(home: Path) -> list[Path]:
 
 def digest(directory: Path) -> str:
     h = hashlib.sha256()
-    for name in ("state", "overlay.qcow2", "ram"):
+    for name in ("state", "overlay.qcow2", "clone.qcow2", "ram"):
         h.update((directory / name).read_bytes())
     return h.hexdigest()
 
@@ -83,6 +85,19 @@ async def test_boxes_from_one_template_are_distinct_and_isolated(home: Path, ima
         # The network is the box's own (its MAC is set again after the restore).
         macs = {await sh(b, "cat /sys/class/net/eth0/address") for b in boxes}
         assert len(macs) == 5
+        # The link came up in the template; a clone's own MAC on it carries its traffic both
+        # ways, and its resolver files are its own.
+        with HostServer(b"served to a clone") as server:
+            boxes.append(
+                await rt.create(
+                    options(image_layout, name="online", network=boxlite.NetworkSpec(allow_net=[HOST_ALIAS]))
+                )
+            )
+            assert (await boxes[-1].metrics()).started_from_template
+            fetched = await sh(boxes[-1], f"wget -q -O - http://{HOST_ALIAS}:{server.port}/; echo; hostname")
+            assert fetched == "served to a clone\nonline\n"
+            hosts = await sh(boxes[-1], "cat /etc/hosts")
+            assert "\tonline\n" in hosts and HOST_ALIAS in hosts and "clone-" not in hosts, hosts
     finally:
         await asyncio.gather(*(b.stop() for b in boxes))
     rt.close()

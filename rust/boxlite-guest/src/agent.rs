@@ -43,7 +43,9 @@ pub struct Agent {
     box_init: Option<BoxInit>,
     /// How user commands are confined: Docker's defaults until `Configure` says otherwise.
     policy: Mutex<Arc<Policy>>,
-    last_cap: u32,
+    /// The link as last brought up (by `PrepareTemplate` or `Configure`): a `Configure` for
+    /// the same link only sets the MAC.
+    link: Mutex<Option<boxlite_proto::net::GuestNetwork>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -81,7 +83,7 @@ impl Agent {
             cpu: Mutex::new(CpuSample::default()),
             box_init,
             policy: Mutex::new(Arc::new(Policy::default_for(last_cap))),
-            last_cap,
+            link: Mutex::new(None),
         })
     }
 
@@ -263,7 +265,7 @@ impl Agent {
             Message::UnpackLayer => self.do_unpack_layer(ch),
             Message::Metrics => self.do_metrics(ch),
             Message::Shutdown => self.do_shutdown(ch),
-            Message::PrepareTemplate => self.do_prepare_template(ch),
+            Message::PrepareTemplate { link } => self.do_prepare_template(ch, link.as_ref()),
             Message::Quiesce => self.do_quiesce(ch),
             // The process may just have finished; its channel is closed, nothing to do.
             Message::Signal { .. } | Message::Resize(_) => {}
@@ -410,8 +412,11 @@ impl Agent {
             self.out.release();
         }
         let root = self.root_error.is_none().then_some(Path::new(ROOT));
-        match crate::identity::apply(setup, root, self.last_cap) {
+        let current = sys::lock(&self.policy).clone();
+        let link = sys::lock(&self.link).clone();
+        match crate::identity::apply(setup, root, &current, link.as_ref()) {
             Ok(policy) => {
+                *sys::lock(&self.link) = setup.network.clone();
                 // Every exec from now on; running processes keep what they started with.
                 *sys::lock(&self.policy) = Arc::new(policy);
                 self.reply(ch, Message::Done)
@@ -421,14 +426,18 @@ impl Agent {
                 ErrorKind::InvalidArgument,
                 format!("configuring the box: {e}"),
             ),
-            Err(e) => self.error(ch, ErrorKind::Io, format!("configuring the box: {e}")),
+            Err(e) => {
+                // The link may be half set: the next `Configure` sets it up in full.
+                *sys::lock(&self.link) = None;
+                self.error(ch, ErrorKind::Io, format!("configuring the box: {e}"))
+            }
         }
     }
 
     /// Settles the VM before it is saved as a template: no user process may be in it (each
     /// box made from it would inherit one), and dirty pages go to the disk the boxes' disks
     /// will be overlays on.
-    fn do_prepare_template(&self, ch: u32) {
+    fn do_prepare_template(&self, ch: u32, link: Option<&boxlite_proto::net::GuestNetwork>) {
         let running = sys::lock(&self.channels).len();
         if running > 0 {
             return self.error(
@@ -436,6 +445,12 @@ impl Agent {
                 ErrorKind::InvalidArgument,
                 format!("{running} requests are running; a template must be idle"),
             );
+        }
+        if let Some(link) = link {
+            if let Err(e) = crate::net::configure(link, None) {
+                return self.error(ch, ErrorKind::Io, format!("bringing the link up: {e}"));
+            }
+            *sys::lock(&self.link) = Some(link.clone());
         }
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };

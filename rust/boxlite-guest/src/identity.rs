@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use boxlite_proto::message::GuestSetup;
+use boxlite_proto::net::GuestNetwork;
 
 use crate::net;
 use crate::sandbox::Policy;
@@ -20,15 +21,20 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// Applies `setup`; `root` is the box root when it is mounted. Returns the confinement of the
 /// box's user commands for the agent to use from now on; a setup it cannot compile (an
 /// unknown capability) is an `InvalidInput` error before anything else is changed.
-pub fn apply(setup: &GuestSetup, root: Option<&Path>, last_cap: u32) -> io::Result<Policy> {
-    let policy = Policy::compile(&setup.sandbox, last_cap)?;
+pub fn apply(
+    setup: &GuestSetup,
+    root: Option<&Path>,
+    current: &Policy,
+    link: Option<&GuestNetwork>,
+) -> io::Result<Policy> {
+    let policy = current.recompile(&setup.sandbox)?;
     set_clock(setup.time_ms)?;
     if !setup.entropy.is_empty() {
         reseed(&setup.entropy)?;
     }
     net::set_hostname(&setup.hostname)?;
     if let Some(network) = &setup.network {
-        net::configure(network)?;
+        net::configure(network, link)?;
     }
     if let Some(root) = root {
         net::write_resolver_files(root, &setup.hostname, setup.network.as_ref())?;

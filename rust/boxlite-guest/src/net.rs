@@ -18,8 +18,10 @@ use crate::sys;
 const INTERFACE_WAIT: Duration = Duration::from_secs(3);
 
 /// Brings `setup.interface` up with its address, netmask and MTU, and adds the default route
-/// via `setup.gateway`. An existing default route is kept.
-pub fn configure(setup: &GuestNetwork) -> io::Result<()> {
+/// via `setup.gateway`. An existing default route is kept. `up` is the link as this VM already
+/// brought it up (a template's, or the box's own before a pause): the same link only gets
+/// its MAC set.
+pub fn configure(setup: &GuestNetwork, up: Option<&GuestNetwork>) -> io::Result<()> {
     let name = if_name(&setup.interface)?;
     let what = |e: io::Error, step: &str| {
         io::Error::new(e.kind(), format!("{step} of {}: {e}", setup.interface))
@@ -58,6 +60,9 @@ pub fn configure(setup: &GuestNetwork) -> io::Result<()> {
         req.ifr_ifru.ifru_hwaddr = hwaddr;
         ioctl(&sock, libc::SIOCSIFHWADDR, &mut req).map_err(|e| what(e, "setting the MAC"))?;
     }
+    if up.is_some_and(|up| same_link(up, setup)) {
+        return Ok(());
+    }
     if setup.mtu != 0 && setup.mtu != 1500 {
         let mut req = ifreq(&name);
         req.ifr_ifru.ifru_mtu = libc::c_int::from(setup.mtu);
@@ -92,6 +97,12 @@ pub fn configure(setup: &GuestNetwork) -> io::Result<()> {
     }
 }
 
+/// Whether a link brought up as `a` already is `b`, its MAC aside.
+fn same_link(a: &GuestNetwork, b: &GuestNetwork) -> bool {
+    (&a.interface, a.address, a.prefix_len, a.gateway, a.mtu)
+        == (&b.interface, b.address, b.prefix_len, b.gateway, b.mtu)
+}
+
 /// Sets the kernel's host name (the box's UTS namespace is the VM's).
 pub fn set_hostname(name: &str) -> io::Result<()> {
     let name = sanitize_hostname(name);
@@ -103,7 +114,10 @@ pub fn set_hostname(name: &str) -> io::Result<()> {
 /// Writes `etc/resolv.conf`, `etc/hosts` and `etc/hostname` under `root` (the box's root):
 /// DNS through the gateway, `localhost`, the host name and, when the host provides it,
 /// `host.boxlite.internal`. Without a network, resolv.conf names no server (lookups fail at
-/// once). Existing files (and symlinks) are replaced, never written through.
+/// once). A symlink, or a file with other links, is replaced, never written through; a plain
+/// file is rewritten in place (cheaper than a new file and a rename: a box started from a
+/// template does this on its way to its first command), and left alone when it already
+/// says the same.
 pub fn write_resolver_files(
     root: &Path,
     hostname: &str,
@@ -178,6 +192,9 @@ pub fn sanitize_hostname(name: &str) -> String {
 /// Replaces `dir/name` with `text` by renaming a fresh file over it.
 fn replace_file(dir: &Path, name: &str, text: &str) -> io::Result<()> {
     use std::io::Write as _;
+    if rewrite_in_place(&dir.join(name), text)? {
+        return Ok(());
+    }
     let tmp = dir.join(format!(".{name}.boxlite-tmp"));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
@@ -189,6 +206,39 @@ fn replace_file(dir: &Path, name: &str, text: &str) -> io::Result<()> {
     f.write_all(text.as_bytes())?;
     drop(f);
     std::fs::rename(&tmp, dir.join(name))
+}
+
+/// Rewrites `path` if it is a regular file with one link (false if it is anything else).
+fn rewrite_in_place(path: &Path, text: &str) -> io::Result<bool> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+    let plain = |m: &std::fs::Metadata| m.file_type().is_file() && m.nlink() == 1;
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| plain(&m)) {
+        return Ok(false);
+    }
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return Ok(false);
+    };
+    // What was opened, not what was looked at (a box process may have swapped it).
+    let meta = file.metadata()?;
+    if !plain(&meta) {
+        return Ok(false);
+    }
+    if meta.len() == text.len() as u64 {
+        let mut current = Vec::with_capacity(text.len());
+        file.read_to_end(&mut current)?;
+        if current == text.as_bytes() {
+            return Ok(true);
+        }
+    }
+    file.set_len(0)?;
+    file.write_all_at(text.as_bytes(), 0)?;
+    Ok(true)
 }
 
 fn if_name(name: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]> {
@@ -285,6 +335,27 @@ mod tests {
     }
 
     #[test]
+    fn a_link_is_the_same_whatever_its_mac() {
+        let a = setup();
+        let b = GuestNetwork {
+            mac: [2, 0, 0, 0, 0, 9],
+            hosts: Vec::new(),
+            ..setup()
+        };
+        assert!(same_link(&a, &b));
+        let c = GuestNetwork {
+            mtu: 1400,
+            ..setup()
+        };
+        assert!(!same_link(&a, &c));
+        let d = GuestNetwork {
+            address: Ipv4Addr::new(10, 0, 0, 2),
+            ..setup()
+        };
+        assert!(!same_link(&a, &d));
+    }
+
+    #[test]
     fn hostnames_are_sanitized() {
         assert_eq!(sanitize_hostname("web_1 (test)"), "web-1--test");
         assert_eq!(sanitize_hostname("__"), "boxlite");
@@ -313,6 +384,30 @@ mod tests {
         assert!(std::fs::read_to_string(root.join("etc/resolv.conf"))
             .expect("read")
             .contains("nameserver 192.168.127.1"));
+        // A plain file is rewritten in place (same inode); a hard-linked one is replaced.
+        let hosts = root.join("etc/hosts");
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let before = inode(&hosts);
+        write_resolver_files(&root, "box2", Some(&setup())).expect("rewrite");
+        assert_eq!(inode(&hosts), before);
+        assert!(std::fs::read_to_string(&hosts)
+            .unwrap()
+            .contains("\tbox2\n"));
+        let shared = root.join("shared-hostname");
+        std::fs::hard_link(root.join("etc/hostname"), &shared).expect("link");
+        write_resolver_files(&root, "box3", Some(&setup())).expect("rewrite");
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "box2\n");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "box3\n"
+        );
+        // A longer text shrinks back cleanly.
+        write_resolver_files(&root, &"x".repeat(60), None).expect("long");
+        write_resolver_files(&root, "b", None).expect("short");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "b\n"
+        );
         // An etc that is a symlink is refused.
         let other = tempdir("etc-link");
         std::os::unix::fs::symlink(&target, other.join("etc")).expect("symlink");

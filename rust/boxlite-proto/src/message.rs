@@ -46,10 +46,14 @@ pub enum Message {
     Metrics,
     /// Host: sync and unmount the disks, reply `Done`, then power the VM off.
     Shutdown,
-    /// Host, before `Configure`, on a VM about to be saved as a template: write back the page
-    /// cache and settle. Reply: `Done`. The agent then waits for the `Configure` that each
-    /// box restored from the template sends.
-    PrepareTemplate,
+    /// Host, before `Configure`, on a VM about to be saved as a template: bring `link` up (the
+    /// interface, address and route every box of the template has; each box's `Configure`
+    /// then only changes the MAC), write back the page cache and settle. Reply: `Done`. The
+    /// agent then waits for the `Configure` that each box restored from the template sends.
+    PrepareTemplate {
+        #[serde(default)]
+        link: Option<crate::net::GuestNetwork>,
+    },
 
     /// Host, as the last frame before the VM is saved: reply `Done`, then send nothing more
     /// until the next `Configure` (which the restored VM gets first). Requests still arriving

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
-use crate::disks::{create_clone_overlay, create_overlay, BaseDiskStore};
+use crate::disks::{copy_clone_disk, create_overlay, BaseDiskStore};
 use crate::error::{task_failed, BoxliteError, BoxliteResult, IoContext};
 use crate::fsutil::{FileLock, LockMode};
 use crate::ids::BoxID;
@@ -66,8 +66,17 @@ impl RuntimeShared {
                     GuestBundle::locate(self.options.guest_dir.as_deref(), &self.options.home_dir)?;
                 let shim = crate::shim::locate_shim(self.options.shim_path.as_deref())?;
                 let choice = accel::choose()?;
+                let engine_binds = if crate::vmm::jail::enabled() {
+                    let binary = engine.binary().to_path_buf();
+                    tokio::task::spawn_blocking(move || crate::vmm::jail::engine_binds(&binary))
+                        .await
+                        .map_err(|e| task_failed("engine jail", e))??
+                } else {
+                    Vec::new()
+                };
                 Ok::<_, BoxliteError>(VmEnv {
                     qemu: engine.binary().to_path_buf(),
+                    engine_binds,
                     bundle,
                     shim,
                     accel: choice.accel,
@@ -472,7 +481,7 @@ impl BoxliteRuntime {
         let disk = dir.join("disk.qcow2");
         let template = match &plan {
             Some(TemplatePlan::Use(template)) => {
-                match create_clone_overlay(&template.overlay(), &disk).await {
+                match copy_clone_disk(&template.clone_disk(), &disk) {
                     Ok(()) => Some(template),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot put a box disk on its template; booting cold");

@@ -313,6 +313,8 @@ fn engine_exited(status: &str, console_log: &Path) -> BoxliteError {
 pub(crate) struct VmEnv {
     /// The engine binary, for the per-box supervisors.
     pub qemu: PathBuf,
+    /// What the engine needs in its jail (empty when engines are not jailed).
+    pub engine_binds: Vec<PathBuf>,
     /// The `boxlite-shim` binary.
     pub shim: PathBuf,
     pub bundle: crate::vmm::GuestBundle,

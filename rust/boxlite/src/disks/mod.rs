@@ -6,4 +6,6 @@ mod overlay;
 mod tools;
 
 pub(crate) use base::BaseDiskStore;
-pub(crate) use overlay::{create_clone_overlay, create_overlay};
+pub(crate) use overlay::{
+    copy_clone_disk, create_clone_overlay, create_clone_prototype, create_overlay,
+};

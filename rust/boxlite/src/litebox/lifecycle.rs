@@ -155,6 +155,7 @@ impl LiteBox {
             jail: crate::vmm::jail::enabled().then(|| JailConfig {
                 root: self.inner.dir.join("jail"),
                 id_key: id.clone(),
+                engine_binds: env.engine_binds.clone(),
                 rw_dirs: std::iter::once(self.inner.dir.clone())
                     .chain((sockets != self.inner.dir).then(|| sockets.clone()))
                     .collect(),

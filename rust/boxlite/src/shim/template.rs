@@ -16,10 +16,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 
 use crate::agent::REQUEST_TIMEOUT;
-use crate::disks::create_overlay;
+use crate::disks::{create_clone_prototype, create_overlay};
 use crate::error::{BoxliteError, BoxliteResult, IoContext};
 use crate::templates::{
-    AgentInfo, KeyInputs, Template, TemplateStore, OVERLAY_FILE, RAM_FILE, STATE_FILE,
+    AgentInfo, KeyInputs, Template, TemplateStore, CLONE_FILE, OVERLAY_FILE, RAM_FILE, STATE_FILE,
 };
 use crate::units::{Bytes, Seconds};
 use crate::vm::{launch, RamInState};
@@ -133,6 +133,12 @@ pub(crate) async fn make(job: &TemplateJob) -> BoxliteResult<Option<Template>> {
     let _ = std::fs::remove_dir_all(dir.join("jail"));
     let agent = result?;
     let _ = std::fs::remove_file(dir.join("console.log"));
+    create_clone_prototype(
+        &build.final_dir().join(OVERLAY_FILE),
+        &dir.join(CLONE_FILE),
+        job.inputs.disk_size,
+    )
+    .await?;
     reclaim_ownership(&dir)?;
     let template = build.commit(
         job.inputs.clone(),
@@ -171,8 +177,9 @@ async fn boot_and_save(job: &TemplateJob, dir: &Path, sockets: &Path) -> Boxlite
         }
         None => None,
     };
-    vm.jail = vm.jail.take().map(|_| JailConfig {
+    vm.jail = vm.jail.take().map(|box_jail| JailConfig {
         root: dir.join("jail"),
+        engine_binds: box_jail.engine_binds,
         id_key: format!("template-{}", job.inputs.key()),
         rw_dirs: std::iter::once(dir.to_path_buf())
             .chain((sockets != dir).then(|| sockets.to_path_buf()))
@@ -181,6 +188,13 @@ async fn boot_and_save(job: &TemplateJob, dir: &Path, sockets: &Path) -> Boxlite
         rw_files: Vec::new(),
     });
     let drain = net_peer.map(|listener| tokio::spawn(discard_frames(listener)));
+    // The link every box of the template gets (its MAC aside), up before the save.
+    let link = match &vm.network {
+        Some(net) => Some(boxlite_net::guest_network(
+            &boxlite_net::NetworkConfig::new(parse_mac(&net.mac)?),
+        )),
+        None => None,
+    };
 
     let engine = QemuEngine::at(job.qemu.clone());
     let running = launch(&engine, &vm, job.boot_timeout).await?;
@@ -201,7 +215,10 @@ async fn boot_and_save(job: &TemplateJob, dir: &Path, sockets: &Path) -> Boxlite
         };
         match running
             .client
-            .reply_within(Message::PrepareTemplate, REQUEST_TIMEOUT)
+            .reply_within(
+                Message::PrepareTemplate { link: link.clone() },
+                REQUEST_TIMEOUT,
+            )
             .await?
         {
             Message::Done => {}
@@ -235,6 +252,24 @@ async fn boot_and_save(job: &TemplateJob, dir: &Path, sockets: &Path) -> Boxlite
     outcome
 }
 
+fn parse_mac(text: &str) -> BoxliteResult<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = parts
+            .next()
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| BoxliteError::invalid("mac", format!("{text:?} is not a MAC")))?;
+    }
+    if parts.next().is_some() {
+        return Err(BoxliteError::invalid(
+            "mac",
+            format!("{text:?} is not a MAC"),
+        ));
+    }
+    Ok(mac)
+}
+
 async fn discard_frames(listener: UnixListener) {
     if let Ok((mut stream, _)) = listener.accept().await {
         let mut sink = vec![0u8; 64 * 1024];
@@ -256,4 +291,25 @@ fn reclaim_ownership(dir: &Path) -> BoxliteResult<()> {
         chown(&dir.join(name))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_from_their_text() {
+        assert_eq!(
+            parse_mac("02:b0:0a:ff:00:1c").unwrap(),
+            [0x02, 0xb0, 0x0a, 0xff, 0x00, 0x1c]
+        );
+        for bad in [
+            "",
+            "02:b0:0a:ff:00",
+            "02:b0:0a:ff:00:1c:00",
+            "zz:b0:0a:ff:00:1c",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
 }

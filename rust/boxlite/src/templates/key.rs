@@ -12,7 +12,7 @@ use crate::vmm::qemu::QemuEngine;
 use crate::vmm::VmConfig;
 
 /// Bumped when the template layout or what a template holds changes.
-pub(crate) const TEMPLATE_FORMAT: u32 = 1;
+pub(crate) const TEMPLATE_FORMAT: u32 = 2;
 
 /// The inputs of a key, kept in each template's manifest so a mismatch can be explained.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

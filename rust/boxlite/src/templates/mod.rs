@@ -11,5 +11,5 @@ mod store;
 pub(crate) use key::KeyInputs;
 pub(crate) use service::{Templates, BUILD_LOG_LIMIT};
 pub(crate) use store::{
-    AgentInfo, Lookup, Template, TemplateStore, OVERLAY_FILE, RAM_FILE, STATE_FILE,
+    AgentInfo, Lookup, Template, TemplateStore, CLONE_FILE, OVERLAY_FILE, RAM_FILE, STATE_FILE,
 };

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <home>/templates/
-//!   builds/<build>/{ram, state, overlay.qcow2, template.json}   immutable once renamed here
+//!   builds/<build>/{ram, state, overlay.qcow2, clone.qcow2, template.json}
+//!                                                                immutable once renamed here
 //!   builds/.tmp-<key>-<build>/                                   being made (or left by a crash)
 //!   index/<key>                                                  the build serving a key (mutable)
 //!   locks/<key>.lock                                             held while a key's template is made
@@ -24,6 +25,16 @@ use crate::fsutil::{sync_dir, write_atomically, FileLock, LockMode};
 pub(crate) const RAM_FILE: &str = "ram";
 pub(crate) const STATE_FILE: &str = "state";
 pub(crate) const OVERLAY_FILE: &str = "overlay.qcow2";
+/// An empty overlay on the final `overlay.qcow2`: a box's disk is a copy of it (no `qemu-img`
+/// run per box).
+pub(crate) const CLONE_FILE: &str = "clone.qcow2";
+/// The files a template is made of (besides its manifest), each sealed with its mode.
+const SEALED_FILES: [(&str, u32); 4] = [
+    (RAM_FILE, 0o666),
+    (STATE_FILE, 0o444),
+    (OVERLAY_FILE, 0o444),
+    (CLONE_FILE, 0o444),
+];
 const MANIFEST_FILE: &str = "template.json";
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -72,6 +83,10 @@ impl Template {
     }
     pub fn overlay(&self) -> PathBuf {
         self.dir.join(OVERLAY_FILE)
+    }
+    /// The disk a new box copies.
+    pub fn clone_disk(&self) -> PathBuf {
+        self.dir.join(CLONE_FILE)
     }
 
     /// Reads every allocated byte of every file and compares digests (~0.1 s for 1 GiB RAM).
@@ -321,11 +336,7 @@ impl TemplateBuild {
     ) -> BoxliteResult<Template> {
         use std::os::unix::fs::PermissionsExt;
         let mut files = BTreeMap::new();
-        for (name, mode) in [
-            (RAM_FILE, 0o666),
-            (STATE_FILE, 0o444),
-            (OVERLAY_FILE, 0o444),
-        ] {
+        for (name, mode) in SEALED_FILES {
             let path = self.dir.join(name);
             let file = std::fs::File::open(&path).ctx(|| format!("opening {}", path.display()))?;
             file.sync_all()
@@ -391,7 +402,7 @@ fn check_cheaply(dir: &Path, key: &str, manifest: &TemplateManifest) -> Result<(
     if manifest.key != key || manifest.inputs.key() != key {
         return Err("made for another key".into());
     }
-    for name in [RAM_FILE, STATE_FILE, OVERLAY_FILE] {
+    for (name, _) in SEALED_FILES {
         let Some(record) = manifest.files.get(name) else {
             return Err(format!("{name} not recorded"));
         };
@@ -462,6 +473,7 @@ mod tests {
         ram.set_len(64 << 20).unwrap();
         std::fs::write(build.dir().join(STATE_FILE), b"device state").unwrap();
         std::fs::write(build.dir().join(OVERLAY_FILE), b"QFI\xfb overlay").unwrap();
+        std::fs::write(build.dir().join(CLONE_FILE), b"QFI\xfb clone").unwrap();
         build.commit(inputs.clone(), agent(), 10).unwrap()
     }
 

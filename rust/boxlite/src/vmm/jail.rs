@@ -15,7 +15,7 @@ pub(crate) fn enabled() -> bool {
 
 /// What the engine binary needs to run (its libraries, firmware, modules): computed once per
 /// binary and process (it runs `ldd` and the binary itself).
-fn engine_binds(binary: &Path) -> BoxliteResult<Vec<PathBuf>> {
+pub(crate) fn engine_binds(binary: &Path) -> BoxliteResult<Vec<PathBuf>> {
     static CACHE: Mutex<Option<HashMap<PathBuf, Vec<PathBuf>>>> = Mutex::new(None);
     let mut cache = CACHE
         .lock()
@@ -44,7 +44,11 @@ pub(crate) fn spec(
 ) -> BoxliteResult<boxlite_jail::JailSpec> {
     std::fs::create_dir_all(&jail.root).ctx(|| format!("creating {}", jail.root.display()))?;
     let mut spec = boxlite_jail::JailSpec::new(&jail.root);
-    let mut ro = engine_binds(binary)?;
+    let mut ro = if jail.engine_binds.is_empty() {
+        engine_binds(binary)?
+    } else {
+        jail.engine_binds.clone()
+    };
     ro.extend([vm.kernel.clone(), vm.initramfs.clone()]);
     ro.extend(jail.ro_paths.iter().cloned());
     spec.ro_binds = ro;

@@ -49,6 +49,11 @@ pub struct JailConfig {
     pub root: PathBuf,
     /// Picks the dedicated uid/gid when the host runs as root (the box id: stable per box).
     pub id_key: String,
+    /// What the engine binary needs (libraries, firmware, modules), found once by the runtime
+    /// rather than by every supervisor (that runs `ldd` and QEMU: tens of milliseconds).
+    /// Empty: the supervisor finds them itself.
+    #[serde(default)]
+    pub engine_binds: Vec<PathBuf>,
     /// Directories the engine writes in: the box directory (overlay disk, sockets).
     pub rw_dirs: Vec<PathBuf>,
     /// Further files the engine only reads (the disks under the overlay).
