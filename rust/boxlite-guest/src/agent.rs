@@ -452,6 +452,14 @@ impl Agent {
             }
             *sys::lock(&self.link) = Some(link.clone());
         }
+        if self.root_error.is_none() {
+            // What every box's `Configure` and first command touch, made once here: the
+            // resolver files (rewritten in place by each box) and the common files read.
+            if let Err(e) = crate::net::write_resolver_files(Path::new(ROOT), "localhost", link) {
+                log!("template: resolver files not written: {e}");
+            }
+            crate::warm::common_files(Path::new(ROOT));
+        }
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
         self.reply(ch, Message::Done);

@@ -145,7 +145,7 @@ pub fn plan_exec(req: &ExecRequest) -> Result<Plan, Refusal> {
     let read = |rel: &str| -> String {
         use std::io::Read;
         let mut s = String::new();
-        if let Ok(mut f) = sys::open_in_root(Path::new(ROOT), rel) {
+        if let Ok(mut f) = sys::open_in_root(Path::new(ROOT), rel, 0) {
             let _ = f.read_to_string(&mut s);
         }
         s

@@ -24,6 +24,7 @@ mod session;
 mod sys;
 mod tarfs;
 mod user;
+mod warm;
 mod workers;
 
 use std::path::Path;

@@ -177,13 +177,14 @@ pub fn uptime_ms() -> u64 {
 }
 
 /// Opens `rel` below the directory `root` without letting `..` or symlinks (absolute or
-/// relative) resolve outside `root` (`openat2` with `RESOLVE_IN_ROOT`).
-pub fn open_in_root(root: &Path, rel: &str) -> io::Result<std::fs::File> {
+/// relative) resolve outside `root` (`openat2` with `RESOLVE_IN_ROOT`), read-only with `flags`
+/// added.
+pub fn open_in_root(root: &Path, rel: &str, flags: libc::c_int) -> io::Result<std::fs::File> {
     let dir = open(root, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     let c = cstr(rel)?;
     // SAFETY: open_how is plain data; all-zero is its "no options" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | flags) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT;
     // SAFETY: valid descriptor, C string and open_how of the size we pass.
     let fd = unsafe {
@@ -248,13 +249,13 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", dir.join("link")).unwrap();
         let mut s = String::new();
         use std::io::Read;
-        open_in_root(&dir, "link")
+        open_in_root(&dir, "link", 0)
             .unwrap()
             .read_to_string(&mut s)
             .unwrap();
         assert_eq!(s, "inside");
         s.clear();
-        open_in_root(&dir, "../../../../etc/passwd")
+        open_in_root(&dir, "../../../../etc/passwd", 0)
             .unwrap()
             .read_to_string(&mut s)
             .unwrap();
