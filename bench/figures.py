@@ -247,6 +247,7 @@ async def fig_warm_exec(ctx: Ctx) -> list[Figure]:
             await run_in_box(box, "true")
         started_ms: list[float] = []
         total_ms: list[float] = []
+        hops: dict[str, list[float]] = {}
         for _ in range(n):
             t0 = time.perf_counter()
             execution = await box.exec("true", [])
@@ -257,6 +258,8 @@ async def fig_warm_exec(ctx: Ctx) -> list[Figure]:
                 raise RuntimeError(f"`true` exited {result.exit_code}")
             started_ms.append((t1 - t0) * 1000)
             total_ms.append((t2 - t0) * 1000)
+            for hop, ms in guest_hops_ms(result).items():
+                hops.setdefault(hop, []).append(ms)
         out = await run_in_box(box, helper, "spawn", str(n), "/bin/true")
         guest_ms = [int(x) / 1e6 for x in out.stdout.split()]
     finally:
@@ -266,6 +269,8 @@ async def fig_warm_exec(ctx: Ctx) -> list[Figure]:
     fig.add("exec_started_ms", started_ms, "ms", p99=True)
     fig.add("guest_fork_exec_wait_ms", guest_ms, "ms", p99=True)
     fig.add("host_native_spawn_ms", host_ms, "ms", p99=True)
+    for hop, values in hops.items():
+        fig.add(f"guest_{hop}_ms", values, "ms")
     fig.ratios.append(
         Ratio(
             "round trip p50 / guest's own fork+exec+wait p50",
@@ -276,9 +281,33 @@ async def fig_warm_exec(ctx: Ctx) -> list[Figure]:
     fig.notes.append(
         "guest_fork_exec_wait is a static C loop inside the box (fork, execve /bin/true, waitpid); "
         "host_native_spawn is subprocess.run(['true']) on the host, for scale; exec_started is box.exec() "
-        "returning (the guest said Started)"
+        "returning (the guest said Started); guest_* are the agent's own hops of each exec (its monotonic "
+        "clock, each from the previous hop): request decoded -> cloned child runs -> final process calls "
+        "execve -> execve done and Started sent -> exit seen -> exit report queued"
     )
     return [fig]
+
+
+GUEST_HOPS = (
+    ("clone", "child_started_us"),
+    ("enter_box_and_confine", "execve_called_us"),
+    ("execve_and_started", "started_us"),
+    ("run_to_exit_seen", "exit_seen_us"),
+    ("report", "reported_us"),
+)
+
+
+def guest_hops_ms(result: boxlite.ExecResult) -> dict[str, float]:
+    """The agent's trace of one exec as the time of each hop, in ms (empty without a trace)."""
+    trace = getattr(result, "guest_trace", None)
+    if not trace:
+        return {}
+    hops, previous = {}, 0
+    for hop, key in GUEST_HOPS:
+        at = trace.get(key) or previous
+        hops[hop] = (at - previous) / 1000
+        previous = at
+    return hops
 
 
 # 4: streaming throughput ----------------------------------------------------------------------

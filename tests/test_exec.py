@@ -29,6 +29,22 @@ async def test_issue_example_with_env_and_cwd(shared_box: boxlite.Box) -> None:
     assert result.stdout == ""  # already taken through the stream
 
 
+HOPS = ("child_started_us", "execve_called_us", "started_us", "exit_seen_us", "reported_us")
+
+
+async def test_the_agent_reports_the_hops_of_an_exec(shared_box: boxlite.Box) -> None:
+    quiet = (await run(shared_box, "true")).guest_trace
+    talky = (await run(shared_box, "sh", "-c", "sleep 0.2; echo out")).guest_trace
+    assert quiet is not None and talky is not None
+    for trace in (quiet, talky):
+        order = [trace[k] or 0 for k in HOPS]
+        assert order == sorted(order) and order[0] > 0, trace
+    assert quiet["first_output_us"] is None
+    # The output came after the start and before the exit; the sleep is in between.
+    started, first, exited = (talky[k] or 0 for k in ("started_us", "first_output_us", "exit_seen_us"))
+    assert started + 200_000 <= first <= exited, talky
+
+
 async def test_a_signal_death_is_reported_as_such(shared_box: boxlite.Box) -> None:
     result = await run(shared_box, "sh", "-c", "kill -TERM $$")
     assert result.signal == 15

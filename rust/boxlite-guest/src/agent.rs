@@ -350,6 +350,7 @@ impl Agent {
     }
 
     fn do_exec(self: &Arc<Self>, ch: u32, req: ExecRequest) {
+        let received_us = sys::monotonic_us();
         if !self.root_ready(ch) {
             return;
         }
@@ -362,6 +363,7 @@ impl Agent {
                     cwd: req.cwd,
                     // Zero means no limit, like an absent timeout.
                     timeout: req.timeout_ms.filter(|&t| t > 0).map(Duration::from_millis),
+                    received_us,
                 },
             ),
             Err(r) => self.error(ch, r.kind, r.message),

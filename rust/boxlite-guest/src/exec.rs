@@ -15,7 +15,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use boxlite_proto::{ErrorKind, ExecRequest, TtySize};
@@ -212,6 +212,10 @@ pub struct Child {
     pub stderr: Option<OwnedFd>,
     /// The pty master (also behind `stdin`/`stdout`), for resizing.
     pub tty: Option<OwnedFd>,
+    /// When the cloned child ran and when the final process called `execve`
+    /// ([`sys::monotonic_us`]).
+    pub started_us: u64,
+    pub execve_us: u64,
 }
 
 /// Where the child was when it failed (sent back over the CLOEXEC error pipe).
@@ -337,6 +341,8 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
         stdout: None,
         stderr: None,
         tty: None,
+        started_us: 0,
+        execve_us: 0,
     };
     // The child's ends, closed in the parent once it started.
     let mut theirs: Vec<OwnedFd> = Vec::new();
@@ -435,6 +441,8 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
         inner_stack: inner_top,
         grandchild: AtomicI32::new(0),
         box_pid: AtomicI32::new(0),
+        started_us: AtomicU64::new(0),
+        execve_us: AtomicU64::new(0),
     };
     let mut guard = reaper.lock();
     // SAFETY: `ctx` and `stack` outlive the child's use of them (the call returns only once
@@ -466,6 +474,8 @@ pub fn spawn(plan: &Plan, reaper: &Reaper, sink: Arc<dyn ExitSink>) -> Result<Ch
     child.pid = process;
     let box_pid = ctx.box_pid.load(Ordering::SeqCst);
     child.box_pid = (box_pid > 0).then_some(box_pid);
+    child.started_us = ctx.started_us.load(Ordering::SeqCst);
+    child.execve_us = ctx.execve_us.load(Ordering::SeqCst);
     drop(theirs);
     drop(err_w);
 
@@ -509,6 +519,10 @@ struct ChildCtx<'a> {
     /// namespace.
     grandchild: AtomicI32,
     box_pid: AtomicI32,
+    /// Written by the children too ([`sys::monotonic_us`]): when the cloned child ran, and when
+    /// the final process called `execve`.
+    started_us: AtomicU64,
+    execve_us: AtomicU64,
 }
 
 /// Stack of the cloned child until it executes.
@@ -553,6 +567,7 @@ unsafe fn fail(err: RawFd, stage: Stage) -> ! {
 unsafe fn child_main(c: &ChildCtx<'_>) -> ! {
     // SAFETY: every call below is async-signal-safe and uses data prepared before clone.
     unsafe {
+        c.started_us.store(sys::monotonic_us(), Ordering::SeqCst);
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -658,6 +673,7 @@ unsafe fn final_main(c: &ChildCtx<'_>) -> ! {
                 fail(c.err, Stage::Sandbox);
             }
         }
+        c.execve_us.store(sys::monotonic_us(), Ordering::SeqCst);
         let mut eacces = false;
         for cand in &c.plan.candidates {
             libc::execve(cand.as_ptr(), c.argv.as_ptr(), c.envp.as_ptr());

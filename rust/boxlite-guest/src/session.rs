@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use boxlite_proto::{
-    ErrorKind, ExitStatus, Frame, Message, StreamId, TtySize, MAX_DATA_CHUNK, STREAM_WINDOW,
+    ErrorKind, ExecTrace, ExitStatus, Frame, Message, StreamId, TtySize, MAX_DATA_CHUNK,
+    STREAM_WINDOW,
 };
 
 use crate::exec::{self, Plan};
@@ -148,6 +149,8 @@ pub enum Job {
         program: String,
         cwd: Option<String>,
         timeout: Option<Duration>,
+        /// When the agent decoded the request ([`sys::monotonic_us`]): the trace's zero.
+        received_us: u64,
     },
     /// The tar helper: for copy-out its stdout is the `Stdout` stream; its stderr carries an
     /// error line. Final reply `Done` or `Error`.
@@ -189,6 +192,8 @@ pub fn run(session: Arc<Session>, mut job: Job, out: &Outbox, reaper: &Reaper) {
             },
         );
     }
+    let started_us = sys::monotonic_us();
+    let (child_started_us, execve_us) = (child.started_us, child.execve_us);
     let timeout = match &job {
         Job::Exec { timeout, .. } => *timeout,
         Job::Tar { .. } => None,
@@ -220,18 +225,32 @@ pub fn run(session: Arc<Session>, mut job: Job, out: &Outbox, reaper: &Reaper) {
         stdin_eof: false,
         detached: false,
         exited: false,
+        first_output_us: None,
+        exit_seen_us: 0,
     };
     let (status, timed_out, collected) = pump.run(timeout);
     let (code, signal) = sys::decode_wait_status(status);
     match job {
-        Job::Exec { .. } => session.reply(
-            out,
-            Message::Exited(ExitStatus {
-                code,
-                signal,
-                timed_out,
-            }),
-        ),
+        Job::Exec { received_us, .. } => {
+            let since = |t: u64| t.saturating_sub(received_us);
+            let trace = ExecTrace {
+                child_started_us: since(child_started_us),
+                execve_called_us: since(execve_us),
+                started_us: since(started_us),
+                first_output_us: pump.first_output_us.map(since),
+                exit_seen_us: since(pump.exit_seen_us),
+                reported_us: since(sys::monotonic_us()),
+            };
+            session.reply(
+                out,
+                Message::Exited(ExitStatus {
+                    code,
+                    signal,
+                    timed_out,
+                    trace: Some(trace),
+                }),
+            )
+        }
         Job::Tar { what, .. } => {
             if code == Some(0) {
                 session.reply(out, Message::Done);
@@ -321,6 +340,10 @@ struct Pump<'a> {
     detached: bool,
     /// The process is gone: output is drained without coalescing.
     exited: bool,
+    /// When the first output byte was read and when the exit was seen
+    /// ([`sys::monotonic_us`]).
+    first_output_us: Option<u64>,
+    exit_seen_us: u64,
 }
 
 impl Pump<'_> {
@@ -344,6 +367,7 @@ impl Pump<'_> {
             }
             if exit.is_some() && !self.exited {
                 self.exited = true;
+                self.exit_seen_us = sys::monotonic_us();
                 for o in &mut self.outs {
                     o.hold_until = None;
                 }
@@ -570,6 +594,10 @@ impl Pump<'_> {
         match result {
             Ok(0) => self.close_out(i),
             Ok(n) => {
+                if self.first_output_us.is_none() {
+                    self.first_output_us = Some(sys::monotonic_us());
+                }
+                let o = &mut self.outs[i];
                 o.window.consume(n);
                 // A short read means a slow writer: let its output gather for a moment
                 // rather than sending many tiny frames (each costs a lot under TCG).

@@ -165,6 +165,17 @@ impl Notifier {
     }
 }
 
+/// Microseconds of the monotonic clock (async-signal-safe: a cloned child may call it).
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 /// Milliseconds since boot (the clock behind /proc/uptime).
 pub fn uptime_ms() -> u64 {
     let mut ts = libc::timespec {

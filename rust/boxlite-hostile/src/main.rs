@@ -193,6 +193,7 @@ fn misbehave(port: &mut File, ch: u32, mode: Mode, request: &boxlite_proto::Exec
                 code: Some(0),
                 signal: None,
                 timed_out: false,
+                trace: None,
             };
             send(port, Frame::control(ch, Message::Exited(exit)));
         }
@@ -213,6 +214,7 @@ fn misbehave(port: &mut File, ch: u32, mode: Mode, request: &boxlite_proto::Exec
                 code: Some(0),
                 signal: None,
                 timed_out: false,
+                trace: None,
             };
             send(port, Frame::control(ch + 1000, Message::Exited(exit)));
         }

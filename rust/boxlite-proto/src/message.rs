@@ -365,6 +365,27 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// The agent killed it because its timeout passed.
     pub timed_out: bool,
+    /// Where the agent's time went, for a process it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<ExecTrace>,
+}
+
+/// The hops of one exec inside the guest, in microseconds after the agent decoded the request
+/// (the guest's monotonic clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecTrace {
+    /// The cloned child runs (the agent's worker took the job and cloned).
+    pub child_started_us: u64,
+    /// The final process calls `execve` (namespaces entered, user, capabilities, seccomp set).
+    pub execve_called_us: u64,
+    /// The agent knows `execve` succeeded and has sent `Started`.
+    pub started_us: u64,
+    /// The first output byte was read, if there was output.
+    pub first_output_us: Option<u64>,
+    /// The agent saw the exit.
+    pub exit_seen_us: u64,
+    /// The exit report is queued for the host.
+    pub reported_us: u64,
 }
 
 /// Resource use of the guest, as the guest kernel sees it.
@@ -449,6 +470,30 @@ mod tests {
         assert_eq!(only.capabilities, vec!["CAP_CHOWN"]);
         let err = GuestSandbox::from_changes(&["FOO"], &none, true).unwrap_err();
         assert!(err.contains("FOO"), "{err}");
+    }
+
+    #[test]
+    fn an_exit_carries_its_trace_and_parses_without_one() {
+        let traced = Message::Exited(ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+            trace: Some(ExecTrace {
+                child_started_us: 300,
+                execve_called_us: 900,
+                started_us: 1200,
+                first_output_us: None,
+                exit_seen_us: 2500,
+                reported_us: 2600,
+            }),
+        });
+        let json = serde_json::to_string(&traced).unwrap();
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), traced);
+        let bare = r#"{"type":"exited","code":3,"signal":null,"timed_out":false}"#;
+        let Message::Exited(status) = serde_json::from_str(bare).unwrap() else {
+            panic!("not an exit");
+        };
+        assert_eq!((status.code, status.trace), (Some(3), None));
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl NativeExecution {
                 stdout: result.stdout,
                 stderr: result.stderr,
                 error_message: None,
+                guest_trace: result.guest_trace,
             })
         })
     }
@@ -97,6 +98,7 @@ pub struct ExecResult {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     error_message: Option<String>,
+    guest_trace: Option<boxlite::ExecTrace>,
 }
 
 #[pymethods]
@@ -118,6 +120,7 @@ impl ExecResult {
             stdout: stdout_bytes.unwrap_or_else(|| stdout.into_bytes()),
             stderr: stderr_bytes.unwrap_or_else(|| stderr.into_bytes()),
             error_message,
+            guest_trace: None,
         }
     }
 
@@ -152,6 +155,22 @@ impl ExecResult {
     #[getter]
     fn success(&self) -> bool {
         self.exit_code == 0
+    }
+    /// Where the guest agent's time went, in microseconds after it decoded the request
+    /// (`child_started_us`, `execve_called_us`, `started_us`, `first_output_us` or None,
+    /// `exit_seen_us`, `reported_us`); None when the agent did not report it.
+    #[getter]
+    fn guest_trace(&self) -> Option<std::collections::BTreeMap<&'static str, Option<u64>>> {
+        self.guest_trace.map(|t| {
+            std::collections::BTreeMap::from([
+                ("child_started_us", Some(t.child_started_us)),
+                ("execve_called_us", Some(t.execve_called_us)),
+                ("started_us", Some(t.started_us)),
+                ("first_output_us", t.first_output_us),
+                ("exit_seen_us", Some(t.exit_seen_us)),
+                ("reported_us", Some(t.reported_us)),
+            ])
+        })
     }
 
     fn __eq__(&self, other: &Self) -> bool {

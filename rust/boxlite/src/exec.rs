@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use boxlite_proto::{ExitStatus, Message, StreamId, TtySize, MAX_PAYLOAD};
+use boxlite_proto::{ExecTrace, ExitStatus, Message, StreamId, TtySize, MAX_PAYLOAD};
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::{bounded, Channel, ChannelEvent, ChannelHandle, MESSAGE_LIMIT, REQUEST_TIMEOUT};
@@ -168,6 +168,9 @@ pub struct ExecResult {
     pub stdout: Vec<u8>,
     /// Output not already taken through [`Execution::stderr`].
     pub stderr: Vec<u8>,
+    /// Where the guest agent's time went (absent when the agent did not report it, e.g. a
+    /// command killed at its host-side deadline).
+    pub guest_trace: Option<ExecTrace>,
 }
 
 impl ExecResult {
@@ -375,6 +378,7 @@ impl Execution {
             signal: status.signal,
             stdout,
             stderr,
+            guest_trace: status.trace,
         })
     }
 
@@ -447,6 +451,7 @@ async fn pump(
                         code: None,
                         signal: Some(libc::SIGKILL),
                         timed_out: true,
+                        trace: None,
                     });
                 }
             },

@@ -36,7 +36,7 @@ mod units;
 mod vm;
 pub mod vmm;
 
-pub use boxlite_proto::TtySize;
+pub use boxlite_proto::{ExecTrace, TtySize};
 pub use copy::{CopyOptions, READ_FILE_LIMIT};
 pub use error::{
     BoxliteError, BoxliteResult, EngineError, ExecError, GuestError, ImageError, NetworkError,
