@@ -165,26 +165,25 @@ impl Notifier {
     }
 }
 
-/// Microseconds of the monotonic clock (async-signal-safe: a cloned child may call it).
-pub fn monotonic_us() -> u64 {
+/// Microseconds of `clock` (async-signal-safe: a cloned child may call it).
+fn clock_us(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// Microseconds of the monotonic clock (async-signal-safe).
+pub fn monotonic_us() -> u64 {
+    clock_us(libc::CLOCK_MONOTONIC)
 }
 
 /// Milliseconds since boot (the clock behind /proc/uptime).
 pub fn uptime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    clock_us(libc::CLOCK_BOOTTIME) / 1000
 }
 
 /// Opens `rel` below the directory `root` without letting `..` or symlinks (absolute or
