@@ -1250,8 +1250,8 @@ mod tests {
     /// A scripted agent on the other end of a socket pair.
     mod scripted {
         use super::super::*;
-        use boxlite_proto::{Body, Frame, FrameHeader, HEADER_LEN};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use boxlite_proto::{Body, Frame};
+        use tokio::io::AsyncWriteExt;
         use tokio::net::UnixStream;
 
         pub fn client() -> (AgentClient, UnixStream) {
@@ -1261,12 +1261,7 @@ mod tests {
         }
 
         pub async fn read(guest: &mut UnixStream) -> Frame {
-            let mut head = [0u8; HEADER_LEN];
-            guest.read_exact(&mut head).await.unwrap();
-            let header = FrameHeader::decode(&head).unwrap();
-            let mut payload = vec![0; header.payload_len];
-            guest.read_exact(&mut payload).await.unwrap();
-            Frame::decode(header, payload).unwrap()
+            crate::agent::read_frame(guest).await.unwrap().unwrap()
         }
 
         /// Reads until a request arrives; returns it with its channel.

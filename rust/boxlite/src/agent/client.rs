@@ -554,7 +554,7 @@ fn route(shared: &Shared, frame: Frame) -> Result<(), String> {
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
 pub(crate) async fn read_frame(
-    reader: &mut tokio::net::unix::OwnedReadHalf,
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<Option<Frame>, String> {
     let mut head = [0u8; HEADER_LEN];
     match reader.read_exact(&mut head).await {
@@ -627,12 +627,7 @@ mod tests {
     }
 
     async fn guest_read(guest: &mut UnixStream) -> Frame {
-        let mut head = [0u8; HEADER_LEN];
-        guest.read_exact(&mut head).await.unwrap();
-        let header = FrameHeader::decode(&head).unwrap();
-        let mut payload = vec![0; header.payload_len];
-        guest.read_exact(&mut payload).await.unwrap();
-        Frame::decode(header, payload).unwrap()
+        read_frame(guest).await.unwrap().unwrap()
     }
 
     #[tokio::test]
