@@ -261,14 +261,19 @@ def smaps(pid: int) -> list[dict[str, Any]]:
 def engine_memory(pid: int, guest_mib: int) -> dict[str, float]:
     """Splits a QEMU process's memory: guest RAM it touched, the TCG code cache, the rest."""
     maps = smaps(pid)
-    guest = [m for m in maps if m["size_kib"] == guest_mib * 1024 and not m["path"] and "rw" in m["perms"]]
+    # Guest RAM: anonymous for a cold box, the template's RAM file for a restored one.
+    guest = [
+        m
+        for m in maps
+        if m["size_kib"] == guest_mib * 1024 and "rw" in m["perms"] and (not m["path"] or m["path"].endswith("/ram"))
+    ]
     ram = max(guest, key=lambda m: m.get("rss_kib", 0)) if guest else None
     code = [m for m in maps if "x" in m["perms"] and "w" in m["perms"] and not m["path"]]
     tcg = max(code, key=lambda m: m["size_kib"]) if code else None
     rss = sum(m.get("rss_kib", 0) for m in maps)
     pss = sum(m.get("pss_kib", 0) for m in maps)
-    files = sum(m.get("pss_kib", 0) for m in maps if m["path"].startswith("/"))
-    files_rss = sum(m.get("rss_kib", 0) for m in maps if m["path"].startswith("/"))
+    files = sum(m.get("pss_kib", 0) for m in maps if m["path"].startswith("/") and m is not ram)
+    files_rss = sum(m.get("rss_kib", 0) for m in maps if m["path"].startswith("/") and m is not ram)
     ram_rss = ram.get("rss_kib", 0) if ram else 0
     tcg_rss = tcg.get("rss_kib", 0) if tcg else 0
     return {

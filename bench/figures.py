@@ -428,6 +428,31 @@ def runtime_rss_probe(image: Path, home: Path) -> dict[str, float]:
     return dict(json.loads(probe.stdout.strip().splitlines()[-1]))
 
 
+async def restored_engine_memory(ctx: Ctx) -> dict[str, list[float]]:
+    """The engine memory of idle boxes started from a template (their guest RAM is the
+    template's file, mapped copy-on-write)."""
+    home = ctx.new_home("memory-templates")
+    rt = boxlite.Boxlite(boxlite.Options(home_dir=home, templates=True))
+    await (await rt.create(ctx.options())).stop()
+    if not wait_for_template(home):
+        return {}
+    boxes = [await rt.create(ctx.options()) for _ in range(ctx.runs(3, 1))]
+    samples: dict[str, list[float]] = {}
+    try:
+        for box in boxes:
+            await run_in_box(box, "true")
+        await asyncio.sleep(3)  # idle
+        for box in boxes:
+            if not (await box.metrics()).started_from_template:
+                continue
+            for key, value in engine.engine_memory(int(info_get(box, "pid")), ctx.memory_mib).items():
+                samples.setdefault(key, []).append(value)
+    finally:
+        for box in boxes:
+            await box.stop()
+    return samples
+
+
 async def fig_memory(ctx: Ctx) -> list[Figure]:
     fig = Figure("memory", "Memory per idle box (host side)")
     home = await ctx.cached_home()
@@ -452,6 +477,8 @@ async def fig_memory(ctx: Ctx) -> list[Figure]:
             await box.stop()
     for key, values in samples.items():
         fig.add(f"engine_{key}", values, "MiB")
+    for key, values in (await restored_engine_memory(ctx)).items():
+        fig.add(f"from_template_engine_{key}", values, "MiB")
     if shim_rss:
         fig.add("per_box_supervisor_rss_mib", shim_rss, "MiB")
     fig.ratios.append(
@@ -459,6 +486,15 @@ async def fig_memory(ctx: Ctx) -> list[Figure]:
             "engine PSS beyond the guest RAM it touched", fig.median("engine_beyond_guest_ram_pss_mib"), 32, unit="MiB"
         )
     )
+    if "from_template_engine_beyond_guest_ram_pss_mib" in fig.metrics:
+        fig.ratios.append(
+            Ratio(
+                "the same, box started from a template",
+                fig.median("from_template_engine_beyond_guest_ram_pss_mib"),
+                32,
+                unit="MiB",
+            )
+        )
     try:
         for key, value in runtime_rss_probe(ctx.image, home).items():
             fig.add(f"runtime_process_{key}", [value], "MiB")

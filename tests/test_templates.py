@@ -64,6 +64,15 @@ async def test_boxes_from_one_template_are_distinct_and_isolated(home: Path, ima
     boxes = [await rt.create(options(image_layout, name=f"clone-{i}")) for i in range(5)]
     try:
         assert all([(await b.metrics()).started_from_template for b in boxes])
+        # A restored engine is handed only the kernel's setup header (QEMU keeps whatever
+        # -kernel names in memory) and no initramfs.
+        argvs = [(Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0") for pid in engine_pids(str(home))]
+        restored = [argv for argv in argvs if b"-incoming" in argv]
+        assert len(restored) == 5
+        for argv in restored:
+            kernel = Path(argv[argv.index(b"-kernel") + 1].decode())
+            assert kernel.name.startswith("resume-") and kernel.stat().st_size < 64 * 1024, kernel
+            assert b"-initrd" not in argv
         probe = (
             "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo;"
             "cat /proc/sys/kernel/random/uuid; hostname; date +%s"

@@ -74,9 +74,16 @@ impl RuntimeShared {
                 } else {
                     Vec::new()
                 };
+                let resume_kernel = bundle
+                    .resume_kernel(&self.options.home_dir.join("boot"))
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("restored boxes keep the full kernel in memory: {e}");
+                        bundle.kernel.clone()
+                    });
                 Ok::<_, BoxliteError>(VmEnv {
                     qemu: engine.binary().to_path_buf(),
                     engine_binds,
+                    resume_kernel,
                     bundle,
                     shim,
                     accel: choice.accel,

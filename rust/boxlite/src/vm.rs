@@ -318,6 +318,9 @@ pub(crate) struct VmEnv {
     /// The `boxlite-shim` binary.
     pub shim: PathBuf,
     pub bundle: crate::vmm::GuestBundle,
+    /// What `-kernel` names for an engine that loads a saved VM (see
+    /// `GuestBundle::resume_kernel`); the bundle's kernel when it could not be made.
+    pub resume_kernel: PathBuf,
     pub accel: crate::vmm::Accel,
     pub boot_timeout: Seconds,
 }

@@ -129,7 +129,7 @@ impl LiteBox {
         Ok(VmConfig {
             name: format!("boxlite-{id}"),
             kernel: env.bundle.kernel.clone(),
-            initramfs: env.bundle.initramfs.clone(),
+            initramfs: Some(env.bundle.initramfs.clone()),
             kernel_args: vec!["boxlite.root=/dev/vda".into(), "boxlite.mode=box".into()],
             cpus: options.cpus,
             memory: options.memory,
@@ -187,6 +187,11 @@ impl LiteBox {
         let options = &self.inner.options;
         let sockets = runtime.socket_dir(&self.inner.id)?;
         let mut vm = self.vm_config(&env)?;
+        if !matches!(source, Source::Cold) {
+            // The guest's kernel is already in the saved RAM.
+            vm.kernel = env.resume_kernel.clone();
+            vm.initramfs = None;
+        }
         let start = match source {
             Source::Template(template) => {
                 vm.memory_source = MemorySource::PrivateFile(template.ram());

@@ -193,7 +193,7 @@ mod tests {
         VmConfig {
             name: format!("boxlite-{id}"),
             kernel: "/g/vmlinuz".into(),
-            initramfs: "/g/initramfs.cpio".into(),
+            initramfs: Some("/g/initramfs.cpio".into()),
             kernel_args: vec!["boxlite.root=/dev/vda".into()],
             cpus: 1,
             memory: Bytes::from_mib(1024),

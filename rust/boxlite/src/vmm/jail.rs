@@ -49,7 +49,8 @@ pub(crate) fn spec(
     } else {
         jail.engine_binds.clone()
     };
-    ro.extend([vm.kernel.clone(), vm.initramfs.clone()]);
+    ro.push(vm.kernel.clone());
+    ro.extend(vm.initramfs.clone());
     ro.extend(jail.ro_paths.iter().cloned());
     spec.ro_binds = ro;
     spec.rw_binds = jail.rw_dirs.iter().chain(&jail.rw_files).cloned().collect();

@@ -84,7 +84,8 @@ pub struct VmConfig {
     /// Shown in process listings.
     pub name: String,
     pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    /// None for an engine that loads a saved VM: its initramfs was unpacked long ago.
+    pub initramfs: Option<PathBuf>,
     /// Extra kernel command-line words (the engine adds its console settings).
     pub kernel_args: Vec<String>,
     pub cpus: u32,

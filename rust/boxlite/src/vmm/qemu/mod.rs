@@ -106,8 +106,10 @@ impl QemuEngine {
         }
         args.push("-kernel".into());
         args.push(config.kernel.clone().into());
-        args.push("-initrd".into());
-        args.push(config.initramfs.clone().into());
+        if let Some(initramfs) = &config.initramfs {
+            args.push("-initrd".into());
+            args.push(initramfs.clone().into());
+        }
         let mut kernel_args: Vec<&str> = BASE_KERNEL_ARGS.to_vec();
         kernel_args.extend(config.kernel_args.iter().map(String::as_str));
         args.push("-append".into());
@@ -264,7 +266,7 @@ mod tests {
         VmConfig {
             name: "boxlite-test".into(),
             kernel: "/b/vmlinuz".into(),
-            initramfs: "/b/initramfs.cpio".into(),
+            initramfs: Some("/b/initramfs.cpio".into()),
             kernel_args: vec!["boxlite.root=/dev/vda".into()],
             cpus: 2,
             memory: Bytes::from_mib(512),
