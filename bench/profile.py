@@ -151,6 +151,8 @@ def variants(accel: str, build: Path) -> dict[str, tuple[list[str], str | None]]
         "lean_initramfs": (box(i=lean), None),
         "combined": (box(k=vmlinux, i=lean, append=f"{base} {BLACKLIST}"), None),
         "tb_size_32": (box(accel_opt=f"{accel},tb-size=32"), None),
+        "tb_size_16": (box(accel_opt=f"{accel},tb-size=16"), None),
+        "tb_size_8": (box(accel_opt=f"{accel},tb-size=8"), None),
     }
 
 
