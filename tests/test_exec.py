@@ -231,6 +231,26 @@ async def test_bad_exec_input_is_a_typed_error(
         await ex.wait()
 
 
+async def test_the_path_search_follows_execvp(shared_box: boxlite.Box) -> None:
+    await run(
+        shared_box,
+        "sh",
+        "-c",
+        "mkdir -p /tmp/pathsearch/a /tmp/pathsearch/b && echo 'echo from-a' > /tmp/pathsearch/a/tool"
+        " && printf '#!/bin/sh\\necho from-b\\n' > /tmp/pathsearch/b/tool && chmod 755 /tmp/pathsearch/b/tool",
+    )
+    # Missing entries, a file where a directory should be, and a file without the execute bit
+    # are passed over; the first executable one runs.
+    path = "/no/such/dir:/etc/passwd:/tmp/pathsearch/a:/tmp/pathsearch/b"
+    result = await run(shared_box, "tool", env=[("PATH", path)])
+    assert (result.exit_code, result.stdout) == (0, "from-b\n")
+    # Found but not executable anywhere: a permission error, not "not found".
+    with pytest.raises(boxlite.ExecStartError, match=r"(?i)permission"):
+        await (await shared_box.exec("tool", env=[("PATH", "/no/such/dir:/tmp/pathsearch/a")])).wait()
+    with pytest.raises(boxlite.ExecStartError, match=r"(?i)no such file"):
+        await (await shared_box.exec("tool", env=[("PATH", "/etc/passwd:/no/such/dir")])).wait()
+
+
 async def test_metrics_count_commands_and_bytes(shared_box: boxlite.Box) -> None:
     before = await shared_box.metrics()
     await run(shared_box, "echo", "12345")

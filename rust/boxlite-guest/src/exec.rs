@@ -675,7 +675,18 @@ unsafe fn final_main(c: &ChildCtx<'_>) -> ! {
         }
         c.execve_us.store(sys::monotonic_us(), Ordering::SeqCst);
         let mut eacces = false;
+        let searching = c.plan.candidates.len() > 1;
         for cand in &c.plan.candidates {
+            // A failed execve first copies argv and envp into a new address space (~150 us
+            // under TCG); a PATH entry that does not hold the program is skipped for the price
+            // of a lookup. Any other answer (or a seccomp policy that denies the call) falls
+            // through to execve, which decides as before.
+            if searching && libc::faccessat(libc::AT_FDCWD, cand.as_ptr(), libc::F_OK, 0) < 0 {
+                let errno = *libc::__errno_location();
+                if errno == libc::ENOENT || errno == libc::ENOTDIR {
+                    continue;
+                }
+            }
             libc::execve(cand.as_ptr(), c.argv.as_ptr(), c.envp.as_ptr());
             match *libc::__errno_location() {
                 libc::EACCES => eacces = true,
