@@ -68,6 +68,8 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
         (Some(network), Some(device)) => Some(PreparedNetwork::prepare(network, device)?),
         _ => None,
     };
+    // The folders' daemons before the engine, which connects to them as it starts.
+    let daemons = super::volumes::start(&config).await?;
     let mut vm = super::start::start_vm(&engine, &config).await?;
     let ready = vm.ready.clone();
     let (counters, ports, guest_network) = match network {
@@ -185,6 +187,7 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
     .await;
     clients.abort_all();
     vm.child.kill_and_wait().await;
+    daemons.kill_all().await;
     Ok(())
 }
 
@@ -302,6 +305,17 @@ async fn configure(
         sandbox: config.sandbox.clone(),
         box_id: config.box_id.clone(),
         after: config.start.setup_after(),
+        volumes: config
+            .vm
+            .volumes
+            .iter()
+            .zip(&config.volumes)
+            .map(|(device, volume)| boxlite_proto::GuestVolume {
+                tag: device.tag.clone(),
+                path: volume.guest_path.clone(),
+                read_only: volume.read_only,
+            })
+            .collect(),
     };
     match agent
         .reply_within(Message::Configure(Box::new(setup)), REQUEST_TIMEOUT)
