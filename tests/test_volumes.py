@@ -223,9 +223,11 @@ def test_a_host_user_that_is_not_root(image_layout: Path) -> None:
         folder = home / "folder"
         folder.mkdir()
         (folder / "in.txt").write_text("in\n")
+        image = home / "image"
+        shutil.copytree(image_layout, image)  # pytest's temp dirs are private to root
         if os.geteuid() == 0:
-            for path in (home, folder, folder / "in.txt"):
-                os.chown(path, 65534, 65534)
+            for path in [home, *home.rglob("*")]:
+                os.chown(path, 65534, 65534, follow_symlinks=False)
             runuser = shutil.which("runuser") or "/usr/sbin/runuser"
             command = [runuser, "-u", "nobody", "--", "/usr/bin/python3", "-c", UNPRIVILEGED]
         else:
@@ -234,7 +236,7 @@ def test_a_host_user_that_is_not_root(image_layout: Path) -> None:
             "PATH": "/usr/bin:/bin",
             "HOME": str(home),
             "HOME_DIR": str(home / "boxlite"),
-            "IMAGE": str(image_layout),
+            "IMAGE": str(image),
             "FOLDER": str(folder),
             "PYTHONPATH": str(REPO / "python"),
             "BOXLITE_TEMPLATES": "0",
