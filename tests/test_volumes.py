@@ -72,7 +72,10 @@ def vol_box(vol_runtime: boxlite.Boxlite, image_layout: Path, folders: dict[str,
     options = boxlite.BoxOptions(
         rootfs_path=image_layout,
         memory_mib=256,
-        volumes=[(str(folders["rw"]), "/data"), {"host_path": str(folders["ro"]), "guest_path": "/ro", "read_only": True}],
+        volumes=[
+            (str(folders["rw"]), "/data"),
+            {"host_path": str(folders["ro"]), "guest_path": "/ro", "read_only": True},
+        ],
         advanced=advanced,
     )
     box = asyncio.run(vol_runtime.create(options))
@@ -86,7 +89,10 @@ def test_option_shapes_and_rules(image_layout: Path, tmp_path: Path) -> None:
 
     with pytest.raises(TypeError):
         opts([(str(tmp_path), "/d", "ro")])
-    with pytest.raises(RuntimeError, match='unknown volume dict key "target"; expected one of managed_volume, host_path, guest_path, read_only'):
+    with pytest.raises(
+        RuntimeError,
+        match='unknown volume dict key "target"; expected one of managed_volume, host_path, guest_path, read_only',
+    ):
         opts([{"host_path": str(tmp_path), "target": "/d"}])
     with pytest.raises(RuntimeError, match="not both"):
         opts([{"managed_volume": "v", "host_path": str(tmp_path), "guest_path": "/d"}])
@@ -106,13 +112,17 @@ def test_option_shapes_and_rules(image_layout: Path, tmp_path: Path) -> None:
     opts([(str(tmp_path), "/d", True)]).validate()
 
 
-async def test_errors_come_before_any_boot(vol_runtime: boxlite.Boxlite, image_layout: Path, tmp_path: Path, vol_home: Path) -> None:
+async def test_errors_come_before_any_boot(
+    vol_runtime: boxlite.Boxlite, image_layout: Path, tmp_path: Path, vol_home: Path
+) -> None:
     with pytest.raises(boxlite.InvalidArgumentError, match="missing"):
         await vol_runtime.create(
             boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256, volumes=[(str(tmp_path / "missing"), "/d")])
         )
     with pytest.raises(boxlite.InvalidArgumentError, match="absolute"):
-        await vol_runtime.create(boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256, volumes=[(str(tmp_path), "d")]))
+        await vol_runtime.create(
+            boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256, volumes=[(str(tmp_path), "d")])
+        )
 
 
 async def test_read_write_round_trip_both_ways(vol_box: boxlite.Box, folders: dict[str, Path]) -> None:
@@ -133,7 +143,9 @@ async def test_read_only_holds_even_after_a_remount(vol_box: boxlite.Box, folder
     assert (folders["ro"] / "given.txt").read_text() == "from the host\n"
 
 
-async def test_a_host_symlink_resolves_inside_the_guest(vol_box: boxlite.Box, folders: dict[str, Path], tmp_path: Path) -> None:
+async def test_a_host_symlink_resolves_inside_the_guest(
+    vol_box: boxlite.Box, folders: dict[str, Path], tmp_path: Path
+) -> None:
     secret = tmp_path / "host-only"
     secret.mkdir()
     (secret / "secret.txt").write_text("host secret\n")
@@ -148,7 +160,9 @@ async def test_a_host_symlink_resolves_inside_the_guest(vol_box: boxlite.Box, fo
 
 
 async def test_guest_root_leaves_no_setuid_root_file(vol_box: boxlite.Box, folders: dict[str, Path]) -> None:
-    result = await sh(vol_box, "cp /bin/busybox /data/suid && chown 0:0 /data/suid; chmod 4755 /data/suid; ls -ln /data/suid")
+    result = await sh(
+        vol_box, "cp /bin/busybox /data/suid && chown 0:0 /data/suid; chmod 4755 /data/suid; ls -ln /data/suid"
+    )
     assert result.exit_code == 0, result.stderr
     st = (folders["rw"] / "suid").stat()
     if os.geteuid() == 0:
@@ -184,7 +198,9 @@ async def test_restart_keeps_the_folder_and_a_deleted_folder_fails_the_start(
 ) -> None:
     folder = host_dir(tmp_path / "kept")
     box = await vol_runtime.create(
-        boxlite.BoxOptions(rootfs_path=image_layout, memory_mib=256, auto_remove=False, volumes=[(str(folder), "/kept")])
+        boxlite.BoxOptions(
+            rootfs_path=image_layout, memory_mib=256, auto_remove=False, volumes=[(str(folder), "/kept")]
+        )
     )
     try:
         assert (await sh(box, "echo one > /kept/a.txt")).exit_code == 0
