@@ -422,7 +422,8 @@ impl Agent {
         }
         let root = self.root_error.is_none().then_some(Path::new(ROOT));
         if let Err(e) = self.mount_volumes(root, &setup.volumes) {
-            return self.error(ch, ErrorKind::InvalidArgument, e);
+            let message = format!("{}{e}", boxlite_proto::VOLUME_ERROR_PREFIX);
+            return self.error(ch, ErrorKind::Io, message);
         }
         let current = sys::lock(&self.policy).clone();
         let link = sys::lock(&self.link).clone();

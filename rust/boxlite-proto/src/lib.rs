@@ -18,7 +18,7 @@ pub use frame::{Body, Frame, FrameError, FrameHeader, StreamId, HEADER_LEN, MAX_
 pub use message::{
     ErrorKind, ExecRequest, ExecTrace, ExitStatus, GuestLimits, GuestMetrics, GuestSandbox,
     GuestSetup, GuestVolume, Message, NetworkStats, SetupAfter, TtySize, GUEST_PORT_NAME,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, VOLUME_ERROR_PREFIX,
 };
 pub use net::GuestNetwork;
 

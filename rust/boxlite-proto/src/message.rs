@@ -109,6 +109,10 @@ pub struct GuestSetup {
     pub volumes: Vec<GuestVolume>,
 }
 
+/// How the agent's reply to a `Configure` starts when mounting a volume failed (the host
+/// reports it as a storage error, not a network one).
+pub const VOLUME_ERROR_PREFIX: &str = "volumes: ";
+
 /// One host folder in the box: the virtio-fs `tag` its device advertises, mounted at
 /// `path` (absolute, inside the box root).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,7 +19,7 @@ use crate::agent::{
     bounded, read_frame, write_frames, AgentClient, ChannelEvent, ChannelHandle, MESSAGE_LIMIT,
     REQUEST_TIMEOUT,
 };
-use crate::error::{BoxliteError, BoxliteResult, NetworkError};
+use crate::error::{BoxliteError, BoxliteResult, NetworkError, StorageError};
 use crate::vmm::qemu::QemuEngine;
 
 /// Entry point of the `boxlite-shim` binary: `boxlite-shim <shim.json>`.
@@ -322,6 +322,15 @@ async fn configure(
         .await?
     {
         Message::Done => Ok(()),
+        Message::Error { message, .. }
+            if message.starts_with(boxlite_proto::VOLUME_ERROR_PREFIX) =>
+        {
+            Err(StorageError::Guest {
+                context: "mounting the box's volumes".into(),
+                reason: bounded(&message, MESSAGE_LIMIT),
+            }
+            .into())
+        }
         // The agent refused (an interface that would not come up, ...).
         Message::Error { message, .. } => Err(NetworkError::Setup {
             reason: bounded(&message, MESSAGE_LIMIT),
