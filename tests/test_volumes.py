@@ -37,12 +37,17 @@ async def sh(box: boxlite.Box, script: str) -> boxlite.ExecResult:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("volumes")
     root.chmod(0o755)
     rw, ro = host_dir(root / "rw"), host_dir(root / "ro")
     (ro / "given.txt").write_text("from the host\n")
-    return {"rw": rw, "ro": ro}
+    yield {"rw": rw, "ro": ro}
+    # Every box using them is gone by now: so must their daemons be.
+    leftovers = daemons_of(str(root))
+    for pid in leftovers:
+        os.kill(pid, 9)
+    assert not leftovers, f"virtiofsd left running: {leftovers}"
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +220,21 @@ async def test_restart_keeps_the_folder_and_a_deleted_folder_fails_the_start(
         assert not daemons_of(str(folder))
     finally:
         await vol_runtime.remove(box.id, force=True)
+
+
+async def test_boxes_with_volumes_never_use_memory_templates(home: Path, image_layout: Path, tmp_path: Path) -> None:
+    rt = make_runtime(home, templates=True)
+    try:
+        options = boxlite.BoxOptions(
+            rootfs_path=image_layout, memory_mib=256, volumes=[(str(host_dir(tmp_path / "t")), "/t")]
+        )
+        box = await rt.create(options)
+        assert not (await box.metrics()).started_from_template
+        await box.stop()
+        jobs = home / "templates" / "jobs"
+        assert not jobs.exists() or not any(jobs.iterdir()), "a template maker was started for a box with volumes"
+    finally:
+        rt.close()
 
 
 UNPRIVILEGED = textwrap.dedent(
