@@ -37,10 +37,21 @@ pub(crate) fn locate_virtiofsd(shim: &Path) -> BoxliteResult<PathBuf> {
 #[derive(Debug, Default)]
 pub(crate) struct Daemons(Vec<GuardedChild>);
 
+/// How long the daemons may take to go once the engine is gone.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
 impl Daemons {
+    /// Kills and reaps the daemons. Once the supervisor has dropped to the box's id it can no
+    /// longer signal a root daemon; each one exits on its own when the engine hangs up, so
+    /// this waits a bounded time for that.
     pub async fn kill_all(&self) {
-        for child in &self.0 {
-            child.kill_and_wait().await;
+        let all = async {
+            for child in &self.0 {
+                child.kill_and_wait().await;
+            }
+        };
+        if tokio::time::timeout(EXIT_GRACE, all).await.is_err() {
+            tracing::warn!("a virtiofsd did not exit with the engine");
         }
     }
 }
