@@ -398,8 +398,11 @@ def test_the_wheel_installs_in_a_fresh_venv_with_the_console_script(
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-index", str(wheel)], check=True, timeout=300)
     command = [str(venv / "bin" / "boxlite"), "--home", str(home)]
+    shared = tmp_path / "shared"  # the wheel ships virtiofsd beside the shim
+    shared.mkdir()
+    (shared / "msg").write_text("from the wheel\n")
     out = subprocess.run(
-        [*command, "run", "--rm", "--rootfs", str(image_layout), "echo", "from the wheel"],
+        [*command, "run", "--rm", "-v", f"{shared}:/shared:ro", "--rootfs", str(image_layout), "cat", "/shared/msg"],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,

@@ -48,7 +48,7 @@ pub fn mount_all(root: &Path, volumes: &[GuestVolume]) -> Result<Vec<PathBuf>, S
         return Ok(Vec::new());
     }
     let loaded = crate::modules::load_all(Path::new(MODULE_LIST), Path::new("/lib/modules"));
-    log!("{loaded} volume modules loaded");
+    log!("volumes: {loaded} kernel modules in");
     let mut done = Vec::new();
     for v in volumes {
         let dir = target(root, &v.path)?;
