@@ -36,11 +36,20 @@ $(STAMPS)/venv: $(STAMPS)/system Makefile
 	$(PY) -m pip install -q $(foreach d,$(PY_DEPS),'$(d)')
 	@touch $@
 
+# virtio-fs daemon of boxes with volumes: Rust virtiofsd from crates.io, pinned, built into a
+# project-local root (Debian 12 has no package for it) and shipped beside the shim.
+VIRTIOFSD_VERSION := 1.14.0
+VIRTIOFSD         := $(BUILD)/tools/bin/virtiofsd
+$(STAMPS)/virtiofsd-$(VIRTIOFSD_VERSION): $(STAMPS)/system
+	cargo install -q --locked --root $(BUILD)/tools virtiofsd@$(VIRTIOFSD_VERSION)
+	@touch $@
+
 # The extension module, installed into the venv (editable: python/ is imported directly),
 # and the per-box supervisor binary it starts, shipped inside the package.
-$(STAMPS)/develop: $(STAMPS)/venv $(RUST_SOURCES) pyproject.toml
+$(STAMPS)/develop: $(STAMPS)/venv $(STAMPS)/virtiofsd-$(VIRTIOFSD_VERSION) $(RUST_SOURCES) pyproject.toml
 	cargo build --release -q -p boxlite --bin boxlite-shim
 	install -D -m 755 target/release/boxlite-shim python/boxlite/bin/boxlite-shim
+	install -D -m 755 $(VIRTIOFSD) python/boxlite/bin/virtiofsd
 	source $(VENV)/bin/activate && maturin develop --release -q --features test-hooks
 	@touch $@
 
@@ -51,7 +60,7 @@ $(AGENT): $(GUEST_SOURCES) Cargo.lock
 	RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=target/guest \
 	  cargo build --release -q -p boxlite-guest --target x86_64-unknown-linux-gnu
 
-$(GUEST_OUT)/manifest.json: $(AGENT) guest/build.sh guest/kernel.lock $(STAMPS)/system
+$(GUEST_OUT)/manifest.json: $(AGENT) guest/build.sh guest/kernel.lock guest/modules.txt guest/modules-volumes.txt $(STAMPS)/system
 	guest/build.sh $(AGENT) $(GUEST_OUT)
 
 $(PKG_GUEST)/manifest.json: $(GUEST_OUT)/manifest.json

@@ -946,6 +946,86 @@ async def fig_templates(ctx: Ctx) -> list[Figure]:
     return [fig]
 
 
+# 13: a host folder (virtio-fs) against the box's own disk and the host itself -------------
+
+
+VOLUME_FILES = 1500
+
+
+def small_tree_tar(where: Path) -> Path:
+    """A tar of VOLUME_FILES small files in 30 directories (a source tree's shape)."""
+    tree = where / "tree"
+    for index in range(VOLUME_FILES):
+        path = tree / f"d{index % 30:02d}" / f"f{index:04d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"file {index}\n" * (1 + index % 50))
+    archive = where / "tree.tar"
+    subprocess.run(["tar", "-cf", str(archive), "-C", str(where), "tree"], check=True)
+    shutil.rmtree(tree)
+    return archive
+
+
+def host_untar_ms(archive: Path, out: Path) -> float:
+    out.mkdir()
+    started = time.perf_counter()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(out)], check=True)
+    os.sync()
+    elapsed = (time.perf_counter() - started) * 1000
+    shutil.rmtree(out)
+    return elapsed
+
+
+async def fig_volumes(ctx: Ctx) -> list[Figure]:
+    fig = Figure("volumes", f"Untar of {VOLUME_FILES} small files: into a volume, the box's disk, the host")
+    work = ctx.tmp / "volume-bench"
+    folder = work / "shared"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)  # on a root host guest root writes as the box's own id
+    archive = small_tree_tar(work)
+    shutil.copy(archive, folder / "tree.tar")
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=await ctx.cached_home()))
+    options = boxlite.BoxOptions(
+        rootfs_path=ctx.image, cpus=ctx.cpus, memory_mib=ctx.memory_mib, volumes=[(str(folder), "/vol")]
+    )
+    box = await rt.create(options)
+    volume_ms: list[float] = []
+    disk_ms: list[float] = []
+    host_ms: list[float] = []
+    exec_ms: list[float] = []
+    try:
+        for _ in range(ctx.runs(5, 2)):
+            _, ms = await timed(run_in_box(box, "true"))
+            exec_ms.append(ms)
+            _, ms = await timed(
+                run_in_box(box, "sh", "-c", "mkdir /vol/out && tar -xf /vol/tree.tar -C /vol/out && sync")
+            )
+            volume_ms.append(ms)
+            _, ms = await timed(
+                run_in_box(box, "sh", "-c", "mkdir /root/out && tar -xf /vol/tree.tar -C /root/out && sync")
+            )
+            disk_ms.append(ms)
+            await run_in_box(box, "rm", "-rf", "/vol/out", "/root/out")
+            host_ms.append(host_untar_ms(archive, work / "host-out"))
+    finally:
+        await box.stop()
+        rt.close()
+        shutil.rmtree(work, ignore_errors=True)
+    fig.add("volume_untar_ms", volume_ms, "ms")
+    fig.add("box_disk_untar_ms", disk_ms, "ms")
+    fig.add("host_untar_ms", host_ms, "ms")
+    fig.add("exec_true_ms", exec_ms, "ms")
+    fig.ratios.append(
+        Ratio(
+            "volume untar / box disk untar",
+            ratio(fig.median("volume_untar_ms"), fig.median("box_disk_untar_ms")),
+            2.0,
+            note="each guest run is one exec (a `true` exec's round trip is listed for scale); "
+            "the tar is read from the volume in both",
+        )
+    )
+    return [fig]
+
+
 FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "boot_floor": fig_boot_floor,
     "cold_create": fig_cold_create,
@@ -959,4 +1039,5 @@ FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "net_connect": fig_net_connect,
     "net_boot_cost": fig_net_boot_cost,
     "templates": fig_templates,
+    "volumes": fig_volumes,
 }

@@ -166,17 +166,24 @@ visit() {
     ORDER+=("$m")
 }
 
-while IFS= read -r m; do
-    m=${m%%#*}; m=${m//[[:space:]]/}; m=${m//-/_}
-    [[ -z $m ]] && continue
-    if [[ -n ${MOD_PATH[$m]:-} ]]; then
-        visit "$m"
-    elif [[ -n ${BUILTIN[$m]:-} ]]; then
-        note "module $m is built into $KREL; nothing to load"
-    else
-        die "module $m (guest/modules.txt) is neither built into $KREL nor shipped as a module"
-    fi
-done <"$MODULES_TXT"
+read_list() {
+    local m
+    while IFS= read -r m; do
+        m=${m%%#*}; m=${m//[[:space:]]/}; m=${m//-/_}
+        [[ -z $m ]] && continue
+        if [[ -n ${MOD_PATH[$m]:-} ]]; then
+            visit "$m"
+        elif [[ -n ${BUILTIN[$m]:-} ]]; then
+            note "module $m is built into $KREL; nothing to load"
+        else
+            die "module $m ($1) is neither built into $KREL nor shipped as a module"
+        fi
+    done <"$1"
+}
+read_list "$MODULES_TXT"
+# Modules only boxes with volumes load (at Configure): in the initramfs, not in the boot list.
+BOOT_COUNT=${#ORDER[@]}
+read_list "$GUEST_DIR/modules-volumes.txt"
 
 # --- stage the initramfs tree --------------------------------------------------------------
 STAGE="$WORK/initramfs"
@@ -218,8 +225,9 @@ for m in "${ORDER[@]}"; do
     chmod 0644 "$dst"
     MOD_FILES+=("${dst##*/}")
 done
-printf '%s\n' "${MOD_FILES[@]}" >"$STAGE/etc/boxlite/modules"
-chmod 0644 "$STAGE/etc/boxlite/modules"
+printf '%s\n' "${MOD_FILES[@]:0:BOOT_COUNT}" >"$STAGE/etc/boxlite/modules"
+printf '%s\n' "${MOD_FILES[@]:BOOT_COUNT}" >"$STAGE/etc/boxlite/modules-volumes"
+chmod 0644 "$STAGE/etc/boxlite/modules" "$STAGE/etc/boxlite/modules-volumes"
 
 # Fixed timestamps last, after every directory has been written to.
 find "$STAGE" -exec touch -h -d @0 {} +

@@ -19,9 +19,18 @@ declare -A NEEDED=(
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 
+# header -> package (virtiofsd, built from crates.io, links against them)
+declare -A HEADERS=(
+  [/usr/include/seccomp.h]=libseccomp-dev
+  [/usr/include/cap-ng.h]=libcap-ng-dev
+)
+
 missing=()
 for cmd in "${!NEEDED[@]}"; do
   have "$cmd" || missing+=("${NEEDED[$cmd]}")
+done
+for header in "${!HEADERS[@]}"; do
+  [ -e "$header" ] || missing+=("${HEADERS[$header]}")
 done
 # busybox must be the static build: it is copied into images.
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q "dynamically" && missing+=(busybox-static)

@@ -109,6 +109,25 @@ def test_run_keeps_the_stopped_box_without_rm_and_takes_options(home: Path, imag
     assert ok(cli(home, "ps", "-a", "-q")) == ""
 
 
+def test_run_mounts_host_folders_with_v(home: Path, image_layout: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    (folder / "in.txt").write_text("in\n")
+    script = "cat /in/in.txt; echo out > /rw/out.txt; echo no > /in/no.txt || echo refused"
+    result = cli(
+        home, "run", "--rm", "-v", f"{folder}:/in:ro", "-v", f"{folder}:/rw", "--rootfs", str(image_layout),
+        "sh", "-c", script,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "in\nrefused\n"
+    assert (folder / "out.txt").read_text() == "out\n" and not (folder / "no.txt").exists()
+    bad = cli(home, "run", "--rm", "-v", "nocolon", "--rootfs", str(image_layout), "true")
+    assert "HOST_PATH:GUEST_PATH" in one_error_line(bad)
+    missing = cli(home, "run", "--rm", "-v", f"{tmp_path}/missing:/m", "--rootfs", str(image_layout), "true")
+    assert "missing" in one_error_line(missing)
+
+
 def test_run_without_a_command_runs_the_image_default(home: Path, image_layout: Path) -> None:
     # The busybox image's CMD is `sh`; with stdin forwarded it reads the script from there.
     result = cli(home, "run", "--rm", "-i", "--rootfs", str(image_layout), input="echo from-stdin; exit 5\n")
@@ -379,8 +398,11 @@ def test_the_wheel_installs_in_a_fresh_venv_with_the_console_script(
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-index", str(wheel)], check=True, timeout=300)
     command = [str(venv / "bin" / "boxlite"), "--home", str(home)]
+    shared = tmp_path / "shared"  # the wheel ships virtiofsd beside the shim
+    shared.mkdir()
+    (shared / "msg").write_text("from the wheel\n")
     out = subprocess.run(
-        [*command, "run", "--rm", "--rootfs", str(image_layout), "echo", "from the wheel"],
+        [*command, "run", "--rm", "-v", f"{shared}:/shared:ro", "--rootfs", str(image_layout), "cat", "/shared/msg"],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,

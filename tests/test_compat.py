@@ -40,7 +40,7 @@ def test_published_exception_names_catch_what_the_core_raises(tmp_path: Path) ->
         asyncio.run(rt.remove("nobody"))
     # Unsupported options: UnsupportedError.
     with pytest.raises(boxlite.UnsupportedError):
-        boxlite.BoxOptions("alpine", volumes=[("/a", "/b")]).validate()
+        boxlite.BoxOptions("alpine", volumes=[{"managed_volume": "v", "guest_path": "/b"}]).validate()
     # Every core error is also a RuntimeError, as there.
     with pytest.raises(RuntimeError):
         asyncio.run(rt.remove("nobody"))

@@ -67,7 +67,12 @@ def test_box_options_follow_the_published_field_order_and_defaults() -> None:
         ({"image": "a", "rootfs_path": "/x"}, boxlite.InvalidArgumentError, "either image or rootfs_path"),
         ({"image": ""}, boxlite.InvalidArgumentError, "`image`"),
         ({"image": "a", "name": ""}, boxlite.InvalidArgumentError, "`name`"),
-        ({"image": "a", "volumes": [("/h", "/b")]}, boxlite.NotSupportedError, "volumes"),
+        (
+            {"image": "a", "volumes": [{"managed_volume": "v", "guest_path": "/b"}]},
+            boxlite.NotSupportedError,
+            "managed",
+        ),
+        ({"image": "a", "volumes": [("/nonexistent-boxlite-folder", "/b")]}, boxlite.InvalidArgumentError, "volumes"),
         ({"image": "a", "ports": [(8080, 80, "udp")]}, boxlite.NotSupportedError, "UDP"),
         ({"image": "a", "network": boxlite.NetworkSpec("bridge")}, boxlite.InvalidArgumentError, "network mode"),
         ({"image": "a", "secrets": ["s"]}, boxlite.NotSupportedError, "secrets"),

@@ -115,7 +115,10 @@ class BoxOptions:
         disk_size_gb: float | None = None,
         working_dir: str | None = None,
         env: _EnvArg = None,
-        volumes: Any = None,
+        volumes: Iterable[
+            tuple[str | PathLike[str], str] | tuple[str | PathLike[str], str, bool] | Mapping[str, str | bool]
+        ]
+        | None = None,
         network: NetworkSpec | None = None,
         ports: Iterable[tuple[int, int] | tuple[int, int, str] | tuple[int, int, str, str] | dict[str, Any]]
         | None = None,

@@ -119,6 +119,20 @@ def parse_publish(items: Sequence[str]) -> list[tuple[int, int, str, str]]:
     return ports
 
 
+def parse_volumes(items: Sequence[str]) -> list[tuple[str, str, bool]]:
+    """Docker's ``-v HOST:GUEST[:ro|:rw]``; the core checks the paths."""
+    volumes = []
+    for item in items:
+        parts = item.split(":")
+        read_only = False
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            read_only = parts.pop() == "ro"
+        if len(parts) != 2 or not all(parts):
+            raise CliError(f"invalid -v {item!r}: expected HOST_PATH:GUEST_PATH[:ro]")
+        volumes.append((os.path.abspath(parts[0]), parts[1], read_only))
+    return volumes
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -194,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[IP:]HOST:GUEST[/tcp]",
         help="publish a guest TCP port on the host (host IP default 127.0.0.1; HOST 0 picks a free port)",
+    )
+    run.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST[:ro]",
+        help="mount a host folder in the box (read-only with :ro)",
     )
     run.add_argument("--network", choices=["default", "none"], default="default", help="none: no network at all")
     run.add_argument(
@@ -435,6 +457,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         detach=not args.rm,
         network=NetworkSpec(mode="disabled") if args.network == "none" else NetworkSpec(allow_net=args.allow_net),
         ports=parse_publish(args.publish),
+        volumes=parse_volumes(args.volume),
     )
     rt = open_runtime(args.home)
     box = await rt.create(options)

@@ -46,6 +46,10 @@ pub struct Agent {
     /// The link as last brought up (by `PrepareTemplate` or `Configure`): a `Configure` for
     /// the same link only sets the MAC.
     link: Mutex<Option<boxlite_proto::net::GuestNetwork>>,
+    /// The box has volumes: the box init starts once `Configure` has mounted them.
+    defer_box_init: bool,
+    /// Where volumes are mounted, unmounted first at shutdown.
+    volume_mounts: Mutex<Vec<PathBuf>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -70,6 +74,7 @@ impl Agent {
         root_error: Option<String>,
         mounts: Vec<PathBuf>,
         box_init: Option<BoxInit>,
+        defer_box_init: bool,
     ) -> Arc<Self> {
         let last_cap = sandbox::last_cap();
         Arc::new(Self {
@@ -84,6 +89,8 @@ impl Agent {
             box_init,
             policy: Mutex::new(Arc::new(Policy::default_for(last_cap))),
             link: Mutex::new(None),
+            defer_box_init,
+            volume_mounts: Mutex::new(Vec::new()),
         })
     }
 
@@ -115,7 +122,7 @@ impl Agent {
             log!("ready (uptime {} ms)", sys::uptime_ms());
             // The box init sets the box up while the host answers (`Configure`, the first
             // exec): the VM's CPU is otherwise idle meanwhile. The first exec waits for it.
-            if let Some(b) = &self.box_init {
+            if let Some(b) = self.box_init.as_ref().filter(|_| !self.defer_box_init) {
                 b.start();
             }
             // A fresh buffer per connection: nothing of the last one leaks into this one.
@@ -414,6 +421,10 @@ impl Agent {
             self.out.release();
         }
         let root = self.root_error.is_none().then_some(Path::new(ROOT));
+        if let Err(e) = self.mount_volumes(root, &setup.volumes) {
+            let message = format!("{}{e}", boxlite_proto::VOLUME_ERROR_PREFIX);
+            return self.error(ch, ErrorKind::Io, message);
+        }
         let current = sys::lock(&self.policy).clone();
         let link = sys::lock(&self.link).clone();
         match crate::identity::apply(setup, root, &current, link.as_ref()) {
@@ -434,6 +445,24 @@ impl Agent {
                 self.error(ch, ErrorKind::Io, format!("configuring the box: {e}"))
             }
         }
+    }
+
+    /// Mounts the box's volumes once (a later `Configure` finds them there), then lets the
+    /// box init copy them into the box's namespace.
+    fn mount_volumes(
+        &self,
+        root: Option<&Path>,
+        volumes: &[boxlite_proto::GuestVolume],
+    ) -> Result<(), String> {
+        let mut mounted = sys::lock(&self.volume_mounts);
+        if !volumes.is_empty() && mounted.is_empty() {
+            let root = root.ok_or("the box has no root to mount volumes in")?;
+            *mounted = crate::volumes::mount_all(root, volumes)?;
+        }
+        if let Some(b) = self.box_init.as_ref().filter(|_| self.defer_box_init) {
+            b.start();
+        }
+        Ok(())
     }
 
     /// Settles the VM before it is saved as a template: no user process may be in it (each
@@ -484,6 +513,7 @@ impl Agent {
         }
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
+        mounts::unmount_all(&sys::lock(&self.volume_mounts));
         mounts::unmount_all(&self.mounts);
         // SAFETY: as above.
         unsafe { libc::sync() };

@@ -14,6 +14,8 @@ pub struct BootConfig {
     /// Block device of the box disk (`boxlite.root=`).
     pub root: Option<String>,
     pub mode: Mode,
+    /// The box has host folders (`boxlite.volumes=1`): they are mounted at `Configure`.
+    pub volumes: bool,
     /// Values of unknown `boxlite.*` keys or bad values, to log.
     pub warnings: Vec<String>,
 }
@@ -22,6 +24,7 @@ pub fn parse(cmdline: &str) -> BootConfig {
     let mut cfg = BootConfig {
         root: None,
         mode: Mode::Box,
+        volumes: false,
         warnings: Vec::new(),
     };
     for word in cmdline.split_ascii_whitespace() {
@@ -31,6 +34,7 @@ pub fn parse(cmdline: &str) -> BootConfig {
         let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
         match key {
             "root" if !value.is_empty() => cfg.root = Some(value.to_string()),
+            "volumes" => cfg.volumes = value == "1",
             "mode" => match value {
                 "box" => cfg.mode = Mode::Box,
                 "unpack" => cfg.mode = Mode::Unpack,
@@ -56,6 +60,8 @@ mod tests {
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
         assert_eq!(c.mode, Mode::Unpack);
         assert!(c.warnings.is_empty());
+        assert!(!c.volumes);
+        assert!(parse("boxlite.volumes=1").volumes);
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod session;
 mod sys;
 mod tarfs;
 mod user;
+mod volumes;
 mod warm;
 mod workers;
 
@@ -94,6 +95,8 @@ fn boot_and_serve() {
     // The box's namespaces are built once `Ready` is out (see Agent::serve).
     let box_init = (root_error.is_none() && cfg.mode == cmdline::Mode::Box)
         .then(|| boxinit::BoxInit::new(reaper.clone()));
+    // With volumes, the box init waits for `Configure` to mount them first.
+    let defer_box_init = cfg.volumes;
     let port = match port::open_port(GUEST_PORT_NAME, Duration::from_secs(10)) {
         Ok(p) => p,
         Err(e) => {
@@ -108,5 +111,5 @@ fn boot_and_serve() {
             return;
         }
     };
-    agent::Agent::new(outbox, reaper, root_error, mounts, box_init).serve(port)
+    agent::Agent::new(outbox, reaper, root_error, mounts, box_init, defer_box_init).serve(port)
 }

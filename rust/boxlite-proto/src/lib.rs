@@ -17,7 +17,8 @@ pub mod net;
 pub use frame::{Body, Frame, FrameError, FrameHeader, StreamId, HEADER_LEN, MAX_PAYLOAD};
 pub use message::{
     ErrorKind, ExecRequest, ExecTrace, ExitStatus, GuestLimits, GuestMetrics, GuestSandbox,
-    GuestSetup, Message, NetworkStats, SetupAfter, TtySize, GUEST_PORT_NAME, PROTOCOL_VERSION,
+    GuestSetup, GuestVolume, Message, NetworkStats, SetupAfter, TtySize, GUEST_PORT_NAME,
+    PROTOCOL_VERSION, VOLUME_ERROR_PREFIX,
 };
 pub use net::GuestNetwork;
 

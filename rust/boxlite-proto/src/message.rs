@@ -104,6 +104,23 @@ pub struct GuestSetup {
     /// How this VM got here: booted, or restored from a memory image.
     #[serde(default)]
     pub after: SetupAfter,
+    /// Host folders to mount (virtio-fs) before any user command runs.
+    #[serde(default)]
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// How the agent's reply to a `Configure` starts when mounting a volume failed (the host
+/// reports it as a storage error, not a network one).
+pub const VOLUME_ERROR_PREFIX: &str = "volumes: ";
+
+/// One host folder in the box: the virtio-fs `tag` its device advertises, mounted at
+/// `path` (absolute, inside the box root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestVolume {
+    pub tag: String,
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// What happened to a VM before its `Configure`.

@@ -14,6 +14,7 @@ mod metrics;
 mod network;
 mod options;
 mod runtime;
+mod volumes;
 
 use pyo3::prelude::*;
 

@@ -296,6 +296,8 @@ pub struct BoxOptions {
     auto_delete: Option<u64>,
     auto_resume: Option<bool>,
     volumes: Option<PyObject>,
+    /// A managed volume was given: only remote runtimes have them.
+    managed_volume: bool,
     network: Option<PyObject>,
     ports: Option<PyObject>,
     auto_stop: Option<PyObject>,
@@ -333,6 +335,19 @@ impl BoxOptions {
         name: Option<String>,
     ) -> PyResult<Self> {
         let defaults = boxlite::BoxOptions::default();
+        let mut host_volumes = Vec::new();
+        let mut managed_volume = false;
+        if let Some(list) = volumes.as_ref() {
+            Python::with_gil(|py| -> PyResult<()> {
+                for entry in list.bind(py).try_iter()? {
+                    match crate::volumes::volume_spec(&entry?)? {
+                        Some(spec) => host_volumes.push(spec),
+                        None => managed_volume = true,
+                    }
+                }
+                Ok(())
+            })?;
+        }
         let inner = boxlite::BoxOptions {
             rootfs_path,
             image,
@@ -352,6 +367,7 @@ impl BoxOptions {
             // Converted from their Python forms when the options are used (`to_core`).
             network: defaults.network.clone(),
             ports: Vec::new(),
+            volumes: host_volumes,
             sandbox: defaults.sandbox.clone(),
             // The published rule: `auto_delete` wins over `auto_remove`; 0 keeps the box.
             auto_remove: match (auto_delete, auto_remove) {
@@ -366,6 +382,7 @@ impl BoxOptions {
             auto_delete,
             auto_resume,
             volumes,
+            managed_volume,
             network,
             ports,
             auto_stop,
@@ -579,13 +596,15 @@ fn list_or_empty(py: Python<'_>, value: &Option<PyObject>) -> PyObject {
 impl BoxOptions {
     /// The core's options, refusing what this version does not have yet.
     pub fn to_core(&self, py: Python<'_>) -> PyResult<boxlite::BoxOptions> {
-        let unsupported = [("volumes", &self.volumes), ("secrets", &self.secrets)];
-        for (field, value) in unsupported {
-            if is_set(value, py) {
-                return Err(crate::errors::to_py_err(BoxliteError::Unsupported(
-                    format!("`{field}` options are not supported by this version of boxlite"),
-                )));
-            }
+        if is_set(&self.secrets, py) {
+            return Err(crate::errors::to_py_err(BoxliteError::Unsupported(
+                "`secrets` options are not supported by this version of boxlite".into(),
+            )));
+        }
+        if self.managed_volume {
+            return Err(crate::errors::to_py_err(BoxliteError::Unsupported(
+                "managed volumes are only supported by remote runtimes; use host_path".into(),
+            )));
         }
         if self
             .auto_stop

@@ -47,7 +47,7 @@ pub use ids::{BoxID, ContainerID};
 pub use litebox::{BoxInfo, BoxStatus, LiteBox};
 pub use metrics::{BoxMetrics, RuntimeMetrics};
 pub use options::{
-    default_home, BoxOptions, BoxliteOptions, NetworkOptions, PortProtocol, PortSpec,
+    default_home, BoxOptions, BoxliteOptions, NetworkOptions, PortProtocol, PortSpec, VolumeSpec,
     DEFAULT_PORT_HOST_IP,
 };
 pub use runtime::BoxliteRuntime;

@@ -110,6 +110,9 @@ pub struct BoxOptions {
     /// Guest TCP ports published on the host.
     #[serde(default)]
     pub ports: Vec<PortSpec>,
+    /// Host folders mounted in the box (virtio-fs). Host paths are canonical once created.
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
     /// How the box's commands are confined inside the guest (capabilities, seccomp);
     /// Docker's defaults unless the caller changes them.
     #[serde(default)]
@@ -139,6 +142,7 @@ impl Default for BoxOptions {
             tty: false,
             network: NetworkOptions::default(),
             ports: Vec::new(),
+            volumes: Vec::new(),
             sandbox: Default::default(),
             auto_remove: true,
             detach: false,
@@ -295,6 +299,95 @@ fn validate_network(network: &NetworkOptions, ports: &[PortSpec]) -> BoxliteResu
     Ok(())
 }
 
+/// A host folder in the box: `host_path` (a directory) mounted at `guest_path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Box paths a volume may not cover: the box init mounts its own /proc, /sys and /dev
+/// there, and a volume over `/` would replace the image.
+const RESERVED_GUEST_PATHS: &[&str] = &["/proc", "/sys", "/dev"];
+
+impl VolumeSpec {
+    pub fn new(
+        host_path: impl Into<PathBuf>,
+        guest_path: impl Into<String>,
+        read_only: bool,
+    ) -> Self {
+        Self {
+            host_path: host_path.into(),
+            guest_path: guest_path.into(),
+            read_only,
+        }
+    }
+
+    /// The host folder as it is now: must exist and be a directory (errors name it).
+    pub fn check_host_path(&self) -> BoxliteResult<()> {
+        match std::fs::metadata(&self.host_path) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(BoxliteError::invalid(
+                "volumes",
+                format!("host path {} is not a directory", self.host_path.display()),
+            )),
+            Err(e) => Err(BoxliteError::invalid(
+                "volumes",
+                format!(
+                    "host path {} cannot be used: {e}; create the folder or fix the path",
+                    self.host_path.display()
+                ),
+            )),
+        }
+    }
+
+    fn validate(&self) -> BoxliteResult<()> {
+        self.check_host_path()?;
+        validate_box_path("volumes", &self.guest_path)?;
+        let guest = std::path::Path::new(&self.guest_path);
+        if guest
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(BoxliteError::invalid(
+                "volumes",
+                format!("guest path {:?} must not contain '..'", self.guest_path),
+            ));
+        }
+        let reserved =
+            guest.parent().is_none() || RESERVED_GUEST_PATHS.iter().any(|r| guest.starts_with(r));
+        if reserved {
+            return Err(BoxliteError::invalid(
+                "volumes",
+                format!(
+                    "guest path {:?} is reserved (/, /proc, /sys and /dev belong to the box); mount the folder elsewhere",
+                    self.guest_path
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_volumes(volumes: &[VolumeSpec]) -> BoxliteResult<()> {
+    let mut seen = std::collections::HashSet::new();
+    for volume in volumes {
+        volume.validate()?;
+        let normal: PathBuf = std::path::Path::new(&volume.guest_path)
+            .components()
+            .collect();
+        if !seen.insert(normal) {
+            return Err(BoxliteError::invalid(
+                "volumes",
+                format!("guest path {:?} is mounted twice", volume.guest_path),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The smallest guest that boots the agent with room for a command.
 pub const MIN_MEMORY: Bytes = Bytes::from_mib(128);
 
@@ -366,6 +459,7 @@ impl BoxOptions {
             }
         }
         validate_network(&self.network, &self.ports)?;
+        validate_volumes(&self.volumes)?;
         if self.detach && self.auto_remove {
             return Err(BoxliteError::invalid(
                 "detach",
@@ -379,6 +473,22 @@ impl BoxOptions {
                     format!("{size} is below the minimum of 256 MiB"),
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl BoxOptions {
+    /// Resolves each volume's host path once (symlinks, `..`), so that later starts use the
+    /// folder that was checked. Call after `validate`.
+    pub fn canonicalize_volumes(&mut self) -> BoxliteResult<()> {
+        for volume in &mut self.volumes {
+            volume.host_path = std::fs::canonicalize(&volume.host_path).map_err(|e| {
+                BoxliteError::invalid(
+                    "volumes",
+                    format!("host path {}: {e}", volume.host_path.display()),
+                )
+            })?;
         }
         Ok(())
     }
@@ -622,6 +732,50 @@ mod tests {
                 other => panic!("{field}: unexpected {other}"),
             }
         }
+    }
+
+    #[test]
+    fn volumes_are_checked_and_canonicalized() {
+        let dir = std::env::temp_dir().join(format!("boxlite-vol-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let with = |host: &std::path::Path, guest: &str| BoxOptions {
+            volumes: vec![VolumeSpec::new(host, guest, false)],
+            ..layout_box()
+        };
+        let bad = [
+            with(&dir.join("missing"), "/data"),
+            with(&file, "/data"),
+            with(&dir, "data"),
+            with(&dir, "/"),
+            with(&dir, "/proc"),
+            with(&dir, "/sys/x"),
+            with(&dir, "/dev"),
+            with(&dir, "/a/../proc"),
+            BoxOptions {
+                volumes: vec![
+                    VolumeSpec::new(&dir, "/data", false),
+                    VolumeSpec::new(&dir, "/data/", true),
+                ],
+                ..layout_box()
+            },
+        ];
+        for options in bad {
+            match options.validate().unwrap_err() {
+                BoxliteError::InvalidArgument { field, .. } => assert_eq!(field, "volumes"),
+                other => panic!("{options:?}: unexpected {other}"),
+            }
+        }
+        let mut good = with(&dir.join("sub/.."), "/data");
+        good.validate().unwrap();
+        good.canonicalize_volumes().unwrap();
+        assert_eq!(
+            good.volumes[0].host_path,
+            std::fs::canonicalize(&dir).unwrap()
+        );
+        with(&dir, "/devices").validate().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl RuntimeShared {
         base_disk: &Path,
     ) -> Option<TemplatePlan> {
         let templates = self.templates.as_ref()?;
+        // vhost-user-fs cannot be migrated: a box with volumes always boots cold.
+        if !litebox.options().volumes.is_empty() {
+            return None;
+        }
         let env = self.vm_env().await.ok()?;
         let vm = litebox.vm_config(&env).ok()?;
         let base_size = std::fs::metadata(base_disk).ok()?.len();
@@ -397,8 +401,9 @@ impl BoxliteRuntime {
     /// Creates a box from `options` and boots it; returns once its agent is ready. If any
     /// stage fails, nothing of the box is left behind; if this process dies half-way, the
     /// next runtime to open the home rolls the creation back.
-    pub async fn create(&self, options: BoxOptions) -> BoxliteResult<LiteBox> {
+    pub async fn create(&self, mut options: BoxOptions) -> BoxliteResult<LiteBox> {
         options.validate()?;
+        options.canonicalize_volumes()?;
         let result = self.create_validated(options).await;
         match &result {
             Ok(_) => self.shared.metrics.box_created(),

@@ -16,7 +16,9 @@ use crate::shim::{self, ShimConfig, ShimNetwork, StartFrom};
 use crate::state::ProcessId;
 use crate::templates::Template;
 use crate::vm::VmEnv;
-use crate::vmm::{DiskAttachment, DiskFormat, JailConfig, MemorySource, NetDevice, VmConfig};
+use crate::vmm::{
+    DiskAttachment, DiskFormat, FsDevice, JailConfig, MemorySource, NetDevice, VmConfig,
+};
 
 impl LiteBox {
     /// Boots the box's VM from its disk (state kept from earlier runs). `InvalidState` if it
@@ -165,6 +167,12 @@ impl LiteBox {
             memory_source: Default::default(),
             qmp_socket: Some(sockets.join("qmp.sock")),
             incoming: false,
+            volumes: (0..options.volumes.len())
+                .map(|index| FsDevice {
+                    tag: format!("vol{index}"),
+                    socket: sockets.join(format!("fs{index}.sock")),
+                })
+                .collect(),
         })
     }
 
@@ -233,6 +241,12 @@ impl LiteBox {
             }),
             sandbox: options.sandbox.clone(),
             saved_state: Some(self.saved_state_path()),
+            volumes: options.volumes.clone(),
+            virtiofsd: if options.volumes.is_empty() {
+                None
+            } else {
+                Some(crate::shim::locate_virtiofsd(&env.shim)?)
+            },
         };
         let box_config_ms = started.elapsed().as_millis();
         let detach = options.detach;
@@ -340,6 +354,12 @@ impl LiteBox {
     /// commands' streams end (the commands themselves go on after the resume, unobserved). A
     /// save that fails (a full disk) stops the box: its disk is kept, its memory is lost.
     pub async fn pause(&self) -> BoxliteResult<()> {
+        if !self.inner.options.volumes.is_empty() {
+            // vhost-user-fs devices cannot be migrated, so the VM cannot be saved.
+            return Err(BoxliteError::Unsupported(
+                "pausing a box with volumes (its host folders cannot be saved with the VM); stop it instead".into(),
+            ));
+        }
         let _serial = self.inner.lifecycle.lock().await;
         let _cross_process = self.inner.runtime.lock_box(&self.inner.id).await?;
         let record = self.record()?;

@@ -11,6 +11,7 @@ mod network;
 mod server;
 mod start;
 pub(crate) mod template;
+mod volumes;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,7 @@ use crate::vmm::VmConfig;
 
 pub(crate) use client::{connect, locate_shim, spawn};
 pub(crate) use start::StartFrom;
+pub(crate) use volumes::locate_virtiofsd;
 
 /// Entry point of the `boxlite-shim` binary: `boxlite-shim <shim.json>` supervises a box,
 /// `boxlite-shim --template <job.json>` makes a template.
@@ -53,6 +55,11 @@ pub(crate) struct ShimConfig {
     /// Where a pause writes the VM's saved state.
     #[serde(default)]
     pub saved_state: Option<std::path::PathBuf>,
+    /// Host folders, one per `vm.volumes` device, in the same order.
+    #[serde(default)]
+    pub volumes: Vec<crate::options::VolumeSpec>,
+    #[serde(default)]
+    pub virtiofsd: Option<std::path::PathBuf>,
 }
 
 /// The policy and ports of a box's network (see `boxlite-net`).

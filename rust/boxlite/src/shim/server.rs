@@ -19,7 +19,7 @@ use crate::agent::{
     bounded, read_frame, write_frames, AgentClient, ChannelEvent, ChannelHandle, MESSAGE_LIMIT,
     REQUEST_TIMEOUT,
 };
-use crate::error::{BoxliteError, BoxliteResult, NetworkError};
+use crate::error::{BoxliteError, BoxliteResult, NetworkError, StorageError};
 use crate::vmm::qemu::QemuEngine;
 
 /// Entry point of the `boxlite-shim` binary: `boxlite-shim <shim.json>`.
@@ -68,6 +68,8 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
         (Some(network), Some(device)) => Some(PreparedNetwork::prepare(network, device)?),
         _ => None,
     };
+    // The folders' daemons before the engine, which connects to them as it starts.
+    let daemons = super::volumes::start(&config).await?;
     let mut vm = super::start::start_vm(&engine, &config).await?;
     let ready = vm.ready.clone();
     let (counters, ports, guest_network) = match network {
@@ -185,6 +187,7 @@ async fn run(config_path: PathBuf) -> BoxliteResult<()> {
     .await;
     clients.abort_all();
     vm.child.kill_and_wait().await;
+    daemons.kill_all().await;
     Ok(())
 }
 
@@ -302,12 +305,32 @@ async fn configure(
         sandbox: config.sandbox.clone(),
         box_id: config.box_id.clone(),
         after: config.start.setup_after(),
+        volumes: config
+            .vm
+            .volumes
+            .iter()
+            .zip(&config.volumes)
+            .map(|(device, volume)| boxlite_proto::GuestVolume {
+                tag: device.tag.clone(),
+                path: volume.guest_path.clone(),
+                read_only: volume.read_only,
+            })
+            .collect(),
     };
     match agent
         .reply_within(Message::Configure(Box::new(setup)), REQUEST_TIMEOUT)
         .await?
     {
         Message::Done => Ok(()),
+        Message::Error { message, .. }
+            if message.starts_with(boxlite_proto::VOLUME_ERROR_PREFIX) =>
+        {
+            Err(StorageError::Guest {
+                context: "mounting the box's volumes".into(),
+                reason: bounded(&message, MESSAGE_LIMIT),
+            }
+            .into())
+        }
         // The agent refused (an interface that would not come up, ...).
         Message::Error { message, .. } => Err(NetworkError::Setup {
             reason: bounded(&message, MESSAGE_LIMIT),

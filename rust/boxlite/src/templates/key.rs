@@ -213,6 +213,7 @@ mod tests {
             memory_source: Default::default(),
             qmp_socket: Some(format!("/h/boxes/{id}/qmp.sock").into()),
             incoming: false,
+            volumes: Vec::new(),
         }
     }
 

@@ -66,6 +66,13 @@ pub struct JailConfig {
 
 /// Where a VM's RAM lives. Every VM names its RAM backend (`mem`), so a saved state loads
 /// into any of them.
+/// A virtio-fs device: the tag the guest mounts, and the socket of its `virtiofsd`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsDevice {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MemorySource {
     /// Anonymous memory: a box booted cold.
@@ -110,6 +117,10 @@ pub struct VmConfig {
     /// Wait for a saved state to be loaded over the control socket instead of booting.
     #[serde(default)]
     pub incoming: bool,
+    /// Host folders (virtio-fs); a VM with any has its RAM in a shared memfd (the daemons
+    /// map it) and cannot be saved.
+    #[serde(default)]
+    pub volumes: Vec<FsDevice>,
 }
 
 /// Bytes of guest console kept on disk per VM.

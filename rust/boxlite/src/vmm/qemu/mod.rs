@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{Accel, DiskFormat, Engine, MemorySource, VmConfig, CONSOLE_LOG_LIMIT};
+use super::{Accel, DiskFormat, Engine, FsDevice, MemorySource, VmConfig, CONSOLE_LOG_LIMIT};
 use crate::error::{BoxliteError, BoxliteResult};
 use crate::process::{ChildOptions, GuardedChild};
 
@@ -99,8 +99,13 @@ impl QemuEngine {
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
         args.push("-object".into());
-        args.push(memory_backend_arg(&config.memory_source, mib));
-        if config.memory_source != MemorySource::Anonymous {
+        if config.volumes.is_empty() {
+            args.push(memory_backend_arg(&config.memory_source, mib));
+        } else {
+            // vhost-user daemons map the guest's RAM: it must be shareable.
+            args.push(format!("memory-backend-memfd,id=mem,size={mib}M,share=on").into());
+        }
+        if config.memory_source != MemorySource::Anonymous && config.volumes.is_empty() {
             // A device that cannot be saved would make the saved state useless.
             args.push("-only-migratable".into());
         }
@@ -112,6 +117,10 @@ impl QemuEngine {
         }
         let mut kernel_args: Vec<&str> = BASE_KERNEL_ARGS.to_vec();
         kernel_args.extend(config.kernel_args.iter().map(String::as_str));
+        if !config.volumes.is_empty() {
+            // The agent mounts them at `Configure`, before the box's namespaces exist.
+            kernel_args.push("boxlite.volumes=1");
+        }
         args.push("-append".into());
         args.push(kernel_args.join(" ").into());
 
@@ -148,6 +157,10 @@ impl QemuEngine {
         if config.incoming {
             args.push("-incoming".into());
             args.push("defer".into());
+        }
+
+        for (index, fs) in config.volumes.iter().enumerate() {
+            args.extend(fs_device_args(index, fs));
         }
 
         for (index, disk) in config.disks.iter().enumerate() {
@@ -211,6 +224,22 @@ fn memory_backend_arg(source: &MemorySource, mib: u64) -> OsString {
     ));
     arg.push(escape_commas(path.as_os_str()));
     arg
+}
+
+/// A virtio-fs device whose daemon listens on `fs.socket`.
+fn fs_device_args(index: usize, fs: &FsDevice) -> Vec<OsString> {
+    let mut chardev = OsString::from(format!("socket,id=fs{index},path="));
+    chardev.push(escape_commas(fs.socket.as_os_str()));
+    vec![
+        "-chardev".into(),
+        chardev,
+        "-device".into(),
+        format!(
+            "vhost-user-fs-pci,chardev=fs{index},tag={},romfile=",
+            fs.tag
+        )
+        .into(),
+    ]
 }
 
 fn chardev_socket_arg(path: &Path) -> OsString {
@@ -283,7 +312,40 @@ mod tests {
             memory_source: MemorySource::Anonymous,
             qmp_socket: None,
             incoming: false,
+            volumes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn volumes_share_memory_and_add_one_device_each() {
+        let engine = QemuEngine {
+            binary: "/usr/bin/qemu-system-x86_64".into(),
+        };
+        let mut config = config();
+        config.qmp_socket = Some("/h/qmp.sock".into());
+        config.volumes = vec![
+            FsDevice {
+                tag: "vol0".into(),
+                socket: "/h/f,s0.sock".into(),
+            },
+            FsDevice {
+                tag: "vol1".into(),
+                socket: "/h/fs1.sock".into(),
+            },
+        ];
+        let joined = engine
+            .args(&config)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("-object memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert!(!joined.contains("memory-backend-ram"));
+        assert!(joined.contains("-chardev socket,id=fs0,path=/h/f,,s0.sock"));
+        assert!(joined.contains("-device vhost-user-fs-pci,chardev=fs0,tag=vol0,romfile="));
+        assert!(joined.contains("-device vhost-user-fs-pci,chardev=fs1,tag=vol1,romfile="));
+        assert!(joined.contains("noreplace-smp boxlite.root=/dev/vda boxlite.volumes=1"));
+        assert!(!joined.contains("-only-migratable"));
     }
 
     #[test]
