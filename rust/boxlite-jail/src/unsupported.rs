@@ -77,3 +77,14 @@ pub(crate) fn program_binds(_binary: &Path) -> Result<Vec<PathBuf>, JailError> {
 pub(crate) fn qemu_binds(_qemu: &Path) -> Result<Vec<PathBuf>, JailError> {
     Err(JailError::Unsupported(PLATFORM))
 }
+
+/// No seccomp here.
+pub(crate) type Filter = ();
+
+pub(crate) fn no_setid_filter() -> Result<Filter, JailError> {
+    Err(JailError::Unsupported(PLATFORM))
+}
+
+pub(crate) fn install_filter(_filter: &Filter) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}

@@ -985,3 +985,51 @@ fn spawn_overhead_is_measured() {
     );
     assert!(jailed < Duration::from_secs(1), "{jailed:?}");
 }
+
+/// Runs `script` under `sh` with the no-setid filter installed; its exit code.
+fn sh_without_setid(dir: &Path, script: &str) -> i32 {
+    let program = boxlite_jail::SeccompProgram::no_setid().unwrap();
+    let mut command = Command::new("/bin/sh");
+    command.arg("-c").arg(script).current_dir(dir);
+    // SAFETY: prctl only, between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            program.install()
+        });
+    }
+    command.status().unwrap().code().unwrap_or(-1)
+}
+
+#[test]
+fn the_no_setid_filter_refuses_set_id_modes_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(sh_without_setid(dir.path(), "echo x > f && chmod 755 f"), 0);
+    assert_eq!(mode("f"), 0o755);
+    assert_ne!(sh_without_setid(dir.path(), "chmod 4755 f"), 0);
+    assert_ne!(sh_without_setid(dir.path(), "chmod g+s f"), 0);
+    assert_eq!(mode("f"), 0o755);
+    // Created with the bits (openat's mode): refused at creation.
+    let create = "python3 -c 'import os; os.open(\"c\", os.O_CREAT | os.O_WRONLY, 0o4755)'";
+    assert_ne!(sh_without_setid(dir.path(), create), 0);
+    assert!(!dir.path().join("c").exists());
+    let plain = "python3 -c 'import os; os.open(\"c\", os.O_CREAT | os.O_WRONLY, 0o755)'";
+    assert_eq!(sh_without_setid(dir.path(), plain), 0);
+    // Other work goes on.
+    assert_eq!(
+        sh_without_setid(
+            dir.path(),
+            "mkdir d && cp f d/g && chmod 700 d/g && rm -r d"
+        ),
+        0
+    );
+}

@@ -69,6 +69,17 @@ fn on_spawner<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> T 
     }
 }
 
+/// A classic-BPF program ready to install.
+pub(crate) type Filter = Vec<libc::sock_filter>;
+
+pub(crate) fn no_setid_filter() -> Result<Filter, JailError> {
+    seccomp::no_setid_filter().map_err(JailError::InvalidSpec)
+}
+
+pub(crate) fn install_filter(filter: &Filter) -> io::Result<()> {
+    sys::install_seccomp(filter).map_err(io::Error::from_raw_os_error)
+}
+
 pub(crate) fn caller_is_root() -> bool {
     sys::geteuid() == 0
 }

@@ -181,6 +181,59 @@ pub(super) fn vmm_filter() -> Result<Vec<sock_filter>, String> {
     Ok(prog)
 }
 
+/// Calls that set a file's mode, with the index of their mode argument.
+fn mode_setting_calls() -> Vec<(libc::c_long, u32)> {
+    /// fchmodat2 (Linux 6.6) has one number on every architecture; libc may not name it.
+    const SYS_FCHMODAT2: libc::c_long = 452;
+    #[allow(unused_mut)]
+    let mut calls = vec![
+        (libc::SYS_openat, 3),
+        (libc::SYS_mknodat, 2),
+        (libc::SYS_fchmod, 1),
+        (libc::SYS_fchmodat, 2),
+        (SYS_FCHMODAT2, 2),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    calls.extend([
+        (libc::SYS_open, 2),
+        (libc::SYS_creat, 1),
+        (libc::SYS_mknod, 1),
+        (libc::SYS_chmod, 1),
+    ]);
+    calls
+}
+
+/// Refuses (EPERM) every mode with the set-user-ID or set-group-ID bit, so that a file
+/// server cannot leave set-id files on the host whatever its client asks. `openat2` passes
+/// its mode in memory, which BPF cannot read: it is answered ENOSYS so callers use `openat`.
+pub(super) fn no_setid_filter() -> Result<Vec<sock_filter>, String> {
+    let arch = ARCH.ok_or_else(|| format!("no seccomp filter for {}", std::env::consts::ARCH))?;
+    let mut prog = vec![
+        stmt(LD_ABS, OFFSET_ARCH),
+        jump(JEQ, arch, 1, 0),
+        stmt(RET, RET_KILL),
+        stmt(LD_ABS, OFFSET_NR),
+    ];
+    if arch == AUDIT_ARCH_X86_64 {
+        prog.push(jump(JGE, 0x4000_0000, 0, 1));
+        prog.push(stmt(RET, ret_errno(libc::ENOSYS)));
+    }
+    prog.push(jump(JEQ, libc::SYS_openat2 as u32, 0, 1));
+    prog.push(stmt(RET, ret_errno(libc::ENOSYS)));
+    let setid = (libc::S_ISUID | libc::S_ISGID) as u32;
+    for (nr, arg) in mode_setting_calls() {
+        prog.extend([
+            stmt(LD_ABS, OFFSET_NR),
+            jump(JEQ, nr as u32, 0, 3),
+            stmt(LD_ABS, OFFSET_ARG0_LOW + 8 * arg),
+            jump(JSET, setid, 0, 1),
+            stmt(RET, ret_errno(libc::EPERM)),
+        ]);
+    }
+    prog.push(stmt(RET, RET_ALLOW));
+    Ok(prog)
+}
+
 /// An allow-everything filter, for probing.
 pub(super) fn allow_all() -> Vec<sock_filter> {
     vec![stmt(RET, RET_ALLOW)]
@@ -189,6 +242,17 @@ pub(super) fn allow_all() -> Vec<sock_filter> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_setid_filter_ends_in_allow_and_checks_every_mode_call() {
+        let Ok(prog) = no_setid_filter() else { return };
+        assert_eq!(prog.last().map(|i| i.k), Some(RET_ALLOW));
+        let eperm = prog
+            .iter()
+            .filter(|i| i.k == ret_errno(libc::EPERM))
+            .count();
+        assert_eq!(eperm, mode_setting_calls().len());
+    }
 
     #[test]
     fn filter_is_well_formed() {

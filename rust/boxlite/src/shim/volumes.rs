@@ -2,6 +2,7 @@
 //! connects to its socket) and gone with the supervisor (each is a guarded child: killed
 //! when its handle drops or the supervisor dies; it also exits when the engine hangs up).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -115,6 +116,19 @@ pub(crate) async fn start(config: &ShimConfig) -> BoxliteResult<Daemons> {
         .filter(|_| crate::sys::is_root())
         .map(|jail| boxlite_jail::derived_jail_id(jail.id_key.as_bytes()))
         .or_else(|| crate::sys::is_root().then_some(65534));
+    // As root the daemon writes as root: whatever the guest asks, it may not give a file the
+    // set-user-ID or set-group-ID bit (uid squashing alone leaves set-id files of the box's
+    // id that any host user could run).
+    let setid_guard = if crate::sys::is_root() {
+        Some(
+            boxlite_jail::SeccompProgram::no_setid().map_err(|e| EngineError::Unavailable {
+                reason: format!("cannot build the volume daemon's seccomp filter: {e}"),
+                hint: "volumes need seccomp on this host".into(),
+            })?,
+        )
+    } else {
+        None
+    };
     for (index, (volume, device)) in config.volumes.iter().zip(&config.vm.volumes).enumerate() {
         // A folder deleted since the box was created fails here, before any VM runs.
         volume.check_host_path()?;
@@ -129,6 +143,13 @@ pub(crate) async fn start(config: &ShimConfig) -> BoxliteResult<Daemons> {
         }
         let log_path = box_dir.join(format!("virtiofsd{index}.log"));
         let mut command = Command::new(binary);
+        if let Some(guard) = &setid_guard {
+            let guard = guard.clone();
+            // SAFETY: one prctl between fork and exec.
+            unsafe {
+                command.pre_exec(move || guard.install());
+            }
+        }
         command.args(daemon_args(
             &volume.host_path,
             &device.socket,
