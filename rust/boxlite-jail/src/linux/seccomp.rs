@@ -220,7 +220,7 @@ pub(super) fn no_setid_filter() -> Result<Vec<sock_filter>, String> {
     }
     prog.push(jump(JEQ, libc::SYS_openat2 as u32, 0, 1));
     prog.push(stmt(RET, ret_errno(libc::ENOSYS)));
-    let setid = (libc::S_ISUID | libc::S_ISGID) as u32;
+    let setid: u32 = libc::S_ISUID | libc::S_ISGID;
     for (nr, arg) in mode_setting_calls() {
         prog.extend([
             stmt(LD_ABS, OFFSET_NR),
