@@ -988,7 +988,7 @@ fn spawn_overhead_is_measured() {
 
 /// Runs `script` under `sh` with the no-setid filter installed; its exit code.
 fn sh_without_setid(dir: &Path, script: &str) -> i32 {
-    let program = boxlite_jail::SeccompProgram::no_setid().unwrap();
+    let program = boxlite_jail::SeccompProgram::no_setid().expect("filter builds");
     let mut command = Command::new("/bin/sh");
     command.arg("-c").arg(script).current_dir(dir);
     // SAFETY: prctl only, between fork and exec.
@@ -1000,7 +1000,7 @@ fn sh_without_setid(dir: &Path, script: &str) -> i32 {
             program.install()
         });
     }
-    command.status().unwrap().code().unwrap_or(-1)
+    command.status().expect("sh runs").code().unwrap_or(-1)
 }
 
 #[test]
