@@ -402,7 +402,10 @@ impl LiteBox {
             }
             self.stop_locked().await?;
         }
-        self.remove_files()
+        self.remove_files()?;
+        // Layers only this box's disk and snapshots rested on.
+        self.inner.runtime.sweep_layers();
+        Ok(())
     }
 
     pub(super) fn remove_files(&self) -> BoxliteResult<()> {
