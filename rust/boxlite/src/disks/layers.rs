@@ -95,26 +95,27 @@ pub(crate) async fn freeze(home: &Path, disk: &Path) -> BoxliteResult<PathBuf> {
     Ok(layer)
 }
 
-/// Merges `disk` and every layer above its base into a standalone layer on that base.
+/// Merges `disk` and every layer above its base into a standalone layer on that base: a copy
+/// of the top rebased (safe mode: every cluster the old chain holds that the base does not is
+/// copied in). `qemu-img convert -B` is no use here: it copies the top file's clusters only.
 async fn flatten_above_base(disk: &Path, chain: &[PathBuf], layer: &Path) -> BoxliteResult<()> {
     let qemu_img = find_tool("qemu-img", "qemu-utils")?;
     let tmp = layer.with_extension("qcow2.partial");
+    let guard = crate::fsutil::RemoveOnDrop(Some(tmp.clone()));
+    std::fs::copy(disk, &tmp).ctx(|| format!("copying {}", disk.display()))?;
     let mut command = Command::new(qemu_img);
-    command.args(["convert", "-q", "-O", "qcow2"]);
+    command.args(["rebase", "-q", "-f", "qcow2"]);
     match chain.last() {
-        // The lowest file is the base disk (raw ext4) or a template's files: keep it shared.
+        // The lowest file is the base disk (raw ext4) or a template's: keep it shared.
         Some(base) => {
             let format = if is_qcow2(base) { "qcow2" } else { "raw" };
-            command
-                .arg("-B")
-                .arg(base)
-                .args(["-o"])
-                .arg(format!("backing_fmt={format}"));
+            command.args(["-F", format, "-b"]).arg(base);
         }
-        None => {}
+        None => {
+            command.args(["-b", ""]);
+        }
     }
-    command.arg(disk).arg(&tmp);
-    let guard = crate::fsutil::RemoveOnDrop(Some(tmp.clone()));
+    command.arg(&tmp);
     run_tool(command).await?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
@@ -184,6 +185,17 @@ mod tests {
         disk
     }
 
+    /// Writes byte `i + 1` over the `i`th 64 KiB cluster of `disk` (with qemu-io).
+    async fn write_pattern(disk: &Path, i: u64) {
+        let status = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P {} {} 64k", i + 1, i * 65536))
+            .arg(disk)
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{status:?}");
+    }
+
     #[tokio::test]
     async fn freezing_chains_layers_and_flattens_past_the_limit() {
         if !qemu_img() {
@@ -192,9 +204,15 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let disk = base(home.path()).await;
         let mut layers = Vec::new();
-        for _ in 0..MAX_LAYERS {
+        for i in 0..MAX_LAYERS {
+            // A different cluster written in each layer.
+            write_pattern(&disk, i as u64).await;
             layers.push(freeze(home.path(), &disk).await.unwrap());
         }
+        let before = home.path().join("before.qcow2");
+        create_overlay_on(layers.last().unwrap(), &before, 1 << 20)
+            .await
+            .unwrap();
         let chain = backing_chain(&disk).unwrap();
         assert_eq!(chain.len(), MAX_LAYERS + 1, "{chain:?}");
         assert_eq!(chain[0], *layers.last().unwrap());
@@ -203,6 +221,16 @@ mod tests {
         let flat = freeze(home.path(), &disk).await.unwrap();
         let chain = backing_chain(&disk).unwrap();
         assert_eq!(chain, vec![flat.clone(), home.path().join("base.ext4")]);
+        // Every layer's writes made it into the flat one.
+        let qemu_img = find_tool("qemu-img", "qemu-utils").unwrap();
+        let same = Command::new(qemu_img)
+            .args(["compare", "-q"])
+            .arg(&before)
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(same.success(), "the flattened disk differs");
+        std::fs::remove_file(&before).unwrap();
         // The older layers are unused now, the new one is not.
         assert!(sweep(home.path(), &[]) > 0);
         assert!(flat.exists());
