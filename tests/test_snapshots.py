@@ -364,3 +364,35 @@ async def test_kill_9_mid_operation_leaves_the_box_usable(
     make_runtime(snap_home).close()
     ingest = snap_home / "ingest"
     assert not ingest.is_dir() or list(ingest.iterdir()) == []
+
+
+def cli(home: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BOXLITE_")}
+    env.update(BOXLITE_TEMPLATES="0", PYTHONPATH=str(REPO / "python"))
+    result = subprocess.run(
+        [sys.executable, "-m", "boxlite", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result.stdout
+
+
+async def test_the_command_line(stopped_box: boxlite.Box, snap_home: Path, tmp_path: Path) -> None:
+    assert cli(snap_home, "snapshot", "create", "origin", "cli-snap") == "cli-snap\n"
+    listing = cli(snap_home, "snapshot", "ls", "origin")
+    assert listing.splitlines()[0].split() == ["NAME", "CREATED", "SIZE", "DISK"]
+    assert "cli-snap" in listing
+    cli(snap_home, "snapshot", "restore", "origin", "cli-snap")
+    cli(snap_home, "snapshot", "rm", "origin", "cli-snap")
+    assert "cli-snap" not in cli(snap_home, "snapshot", "ls", "origin")
+    clone_id = cli(snap_home, "clone", "origin", "--name", "cli-clone").strip()
+    archive = cli(snap_home, "export", "cli-clone", str(tmp_path)).strip()
+    assert archive == str(tmp_path / "cli-clone.boxlite")
+    other = tmp_path / "other-home"
+    imported = cli(other, "import", archive, "--name", "cli-imported").strip()
+    assert "cli-imported" in cli(other, "ps", "-a") and imported
+    cli(snap_home, "rm", clone_id)
