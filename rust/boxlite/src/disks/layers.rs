@@ -95,6 +95,49 @@ pub(crate) async fn freeze(home: &Path, disk: &Path) -> BoxliteResult<PathBuf> {
     Ok(layer)
 }
 
+/// The layer a stopped box disk's contents are frozen in: the layer under it when nothing
+/// was written since it was last frozen (repeated snapshots and clones of an unchanged box
+/// share one layer and add nothing to its chain), else a new one (`freeze`).
+pub(crate) async fn freeze_or_reuse(home: &Path, disk: &Path) -> BoxliteResult<PathBuf> {
+    let chain = backing_chain(disk).ctx(|| format!("reading {}", disk.display()))?;
+    if let Some(below) = chain.first().filter(|l| l.starts_with(layers_dir(home))) {
+        if top_is_empty(disk).await? {
+            return Ok(below.clone());
+        }
+    }
+    freeze(home, disk).await
+}
+
+/// Whether no cluster of `disk` is allocated in the file itself (all reads go to its backing
+/// chain), as `qemu-img map` reports it.
+async fn top_is_empty(disk: &Path) -> BoxliteResult<bool> {
+    let qemu_img = find_tool("qemu-img", "qemu-utils")?;
+    let mut command = Command::new(qemu_img);
+    command
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(disk);
+    let shown = format!("{command:?}");
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .map_err(|e| crate::error::task_failed("qemu-img", e))?
+        .ctx(|| format!("running {shown}"))?;
+    if !output.status.success() {
+        return Err(StorageError::Tool {
+            tool: shown,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        }
+        .into());
+    }
+    let extents: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).map_err(|e| StorageError::Tool {
+            tool: shown,
+            status: "unreadable output".into(),
+            stderr: e.to_string(),
+        })?;
+    Ok(extents.iter().all(|e| e["depth"].as_u64() != Some(0)))
+}
+
 /// Merges `disk` and every layer above its base into a standalone layer on that base: a copy
 /// of the top rebased (safe mode: every cluster the old chain holds that the base does not is
 /// copied in). `qemu-img convert -B` is no use here: it copies the top file's clusters only.
@@ -235,6 +278,23 @@ mod tests {
         assert!(sweep(home.path(), &[]) > 0);
         assert!(flat.exists());
         assert!(layers.iter().all(|l| !l.exists()));
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_disk_reuses_its_layer() {
+        if !qemu_img() {
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        let disk = base(home.path()).await;
+        // Never frozen: a new layer.
+        let first = freeze_or_reuse(home.path(), &disk).await.unwrap();
+        assert_eq!(freeze_or_reuse(home.path(), &disk).await.unwrap(), first);
+        assert_eq!(backing_chain(&disk).unwrap().len(), 2);
+        write_pattern(&disk, 3).await;
+        let second = freeze_or_reuse(home.path(), &disk).await.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(backing_chain(&disk).unwrap()[..2], [second, first]);
     }
 
     #[tokio::test]

@@ -113,7 +113,7 @@ impl LiteBox {
         let home = self.inner.runtime.options.home_dir.clone();
         let hold = self.inner.runtime.hold_images().await?;
         let disk = self.disk_path();
-        let layer = layers::freeze(&home, &disk).await?;
+        let layer = layers::freeze_or_reuse(&home, &disk).await?;
         let id = ulid::Ulid::new().to_string();
         let dir = self.snapshots_dir();
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -227,7 +227,7 @@ impl LiteBox {
         let made = async {
             let hold = runtime.hold_images().await?;
             let disk = self.disk_path();
-            let layer = layers::freeze(&runtime.options.home_dir, &disk).await?;
+            let layer = layers::freeze_or_reuse(&runtime.options.home_dir, &disk).await?;
             let size = layers::qcow2_virtual_size(&disk)?;
             layers::create_overlay_on(&layer, &child.disk_path(), size).await?;
             drop(hold);
