@@ -4,8 +4,8 @@
 //! `ValueError`, `TimeoutError`, ...); this module picks the class for each failure.
 
 use boxlite::{
-    BoxliteError, DiskError, EngineError, ExecError, GuestError, ImageError, NetworkError, StateError,
-    StorageError,
+    BoxliteError, DiskError, EngineError, ExecError, GuestError, ImageError, NetworkError,
+    StateError, StorageError,
 };
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;

@@ -128,7 +128,10 @@ impl SnapshotHandle {
 
     fn restore<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyAny>> {
         let litebox = self.0.clone();
-        future_into_py(py, async move { litebox.restore_snapshot(&name).await.py() })
+        future_into_py(
+            py,
+            async move { litebox.restore_snapshot(&name).await.py() },
+        )
     }
 
     fn __repr__(&self) -> String {

@@ -311,7 +311,7 @@ mod tests {
         // The box rests on both (second -> first): nothing to remove.
         assert_eq!(sweep(home.path(), &[]), 0);
         std::fs::remove_file(&disk).unwrap();
-        sweep(home.path(), &[anchor.clone()]);
+        sweep(home.path(), std::slice::from_ref(&anchor));
         assert!(first.exists() && !second.exists());
         sweep(home.path(), &[]);
         assert!(!first.exists());
