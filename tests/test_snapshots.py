@@ -396,3 +396,29 @@ async def test_the_command_line(stopped_box: boxlite.Box, snap_home: Path, tmp_p
     imported = cli(other, "import", archive, "--name", "cli-imported").strip()
     assert "cli-imported" in cli(other, "ps", "-a") and imported
     cli(snap_home, "rm", clone_id)
+
+
+def test_the_sync_api(stopped_box: boxlite.Box, snap_home: Path, tmp_path: Path) -> None:
+    from boxlite.sync import SyncBoxlite
+
+    rt = SyncBoxlite(boxlite.Options(home_dir=snap_home, templates=False))
+    try:
+        box = rt.get("origin")
+        assert box is not None
+        info = box.snapshot.create(name="sync-snap")
+        assert info.name == "sync-snap" and [s.name for s in box.snapshot.list()] == ["sync-snap"]
+        assert box.snapshot.get("sync-snap") is not None
+        box.snapshot.restore("sync-snap")
+        box.snapshot.remove("sync-snap")
+        assert box.snapshot.get("sync-snap") is None
+        clone = box.clone_box(name="sync-clone")
+        archive = clone.export(dest=tmp_path)
+        assert archive == str(tmp_path / "sync-clone.boxlite")
+        rt.remove(clone.id)
+        other = SyncBoxlite(boxlite.Options(home_dir=tmp_path / "other", templates=False))
+        try:
+            assert other.import_box(archive, "sync-imported").name == "sync-imported"
+        finally:
+            other.close()
+    finally:
+        rt.close()
