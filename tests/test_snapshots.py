@@ -204,6 +204,9 @@ async def test_export_then_import_into_another_home(stopped_box: boxlite.Box, tm
         assert (info.status, info.memory_mib, info.cpus) == ("stopped", MEMORY, 1)
         assert await sh(box, "cat /data/f; echo $KEPT") == "v1\nyes\n"
         await box.stop()
+        with pytest.raises(boxlite.AlreadyExistsError):
+            await rt2.import_box(archive, name="imported")
+        assert len(await rt2.list_info()) == 1
         # Unnamed by default.
         unnamed = await rt2.import_box(archive)
         assert unnamed.name is None

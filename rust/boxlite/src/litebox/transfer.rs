@@ -169,6 +169,15 @@ pub(crate) async fn import(
     }
     if let Some(name) = &name {
         crate::options::validate_name(name)?;
+        // Checked again when the record goes in; this spares reading a large archive.
+        if let Some(record) = runtime.store.find(name)? {
+            if runtime.reconcile(record).is_ok() {
+                return Err(BoxliteError::AlreadyExists {
+                    what: "a box",
+                    name: name.clone(),
+                });
+            }
+        }
     }
     let id = BoxID::new();
     let dir = runtime.box_dir(&id);
@@ -233,7 +242,10 @@ pub(crate) async fn import(
     runtime.store.insert(&record)?;
     crate::fsutil::sync_dir(&layers_dir);
     crate::fsutil::sync_dir(&dir);
-    runtime.store.finish_creation(&id)?;
+    if let Err(e) = runtime.store.finish_creation(&id) {
+        let _ = runtime.store.delete(&id);
+        return Err(e);
+    }
     cleanup.dir = None;
     cleanup.layer = None;
     Ok(LiteBox::from_record(record, runtime.clone()))
