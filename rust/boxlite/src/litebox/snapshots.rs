@@ -87,7 +87,11 @@ impl LiteBox {
         let cross_process = self.inner.runtime.lock_box(&self.inner.id).await?;
         let record = self.record()?;
         if record.status.has_engine() || record.status == BoxStatus::Paused {
-            return Err(self.wrong_state(record.status, &format!("{operation} (stop it first)")));
+            return Err(BoxliteError::InvalidState {
+                id: self.inner.id.to_string(),
+                state: format!("{}; stop it first", record.status),
+                operation: operation.into(),
+            });
         }
         if !self.disk_path().is_file() {
             return Err(crate::error::StorageError::Damaged {
