@@ -1026,6 +1026,70 @@ async def fig_volumes(ctx: Ctx) -> list[Figure]:
     return [fig]
 
 
+async def fig_disk_ops(ctx: Ctx) -> list[Figure]:
+    """Clone of a stopped box whose disk holds 200 MiB written by the box: time and host bytes
+    each clone adds; snapshot create/restore; export and import throughput."""
+    fig = Figure("disk_ops", "Clones, snapshots, export and import of a box with a 200 MiB disk")
+    n = ctx.runs(20, 3)
+    home = ctx.new_home("disk-ops")
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
+    box = await rt.create(
+        boxlite.BoxOptions(
+            rootfs_path=ctx.image, cpus=ctx.cpus, memory_mib=ctx.memory_mib, disk_size_gb=1, auto_remove=False
+        )
+    )
+    try:
+        await run_in_box(box, "dd", "if=/dev/urandom", "of=/data.bin", "bs=1M", "count=200")
+        await box.stop()
+
+        def used() -> int:
+            return sum(p.stat().st_blocks * 512 for p in home.rglob("*") if p.is_file())
+
+        clone_ms: list[float] = []
+        clone_bytes: list[float] = []
+        clones = []
+        for _ in range(n):
+            before = used()
+            clone, ms = await timed(box.clone_box())
+            clone_ms.append(ms)
+            clone_bytes.append(used() - before)
+            clones.append(clone)
+        snap_ms: list[float] = []
+        restore_ms: list[float] = []
+        for i in range(n):
+            _, ms = await timed(box.snapshot.create(name=f"s{i}"))
+            snap_ms.append(ms)
+            _, ms = await timed(box.snapshot.restore(f"s{i}"))
+            restore_ms.append(ms)
+        export_dir = ctx.tmp / "disk-ops-export"
+        export_dir.mkdir(exist_ok=True)
+        archive, export_ms = await timed(box.export(dest=export_dir))
+        size = os.stat(archive).st_size
+        other = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=ctx.new_home("disk-ops-import")))
+        _, import_ms = await timed(other.import_box(archive))
+        other.close()
+        for clone in clones:
+            await rt.remove(clone.id)
+    finally:
+        await box.stop()
+        rt.close()
+    fig.add("clone_ms", clone_ms, "ms")
+    fig.add("clone_extra_bytes", clone_bytes, "B")
+    fig.add("snapshot_create_ms", snap_ms, "ms")
+    fig.add("snapshot_restore_ms", restore_ms, "ms")
+    fig.add("export_mib_per_s", [size / MIB / (export_ms / 1000)], "MiB/s")
+    fig.add("import_mib_per_s", [size / MIB / (import_ms / 1000)], "MiB/s")
+    fig.ratios.append(Ratio("clone p50 (target under 100 ms)", fig.median("clone_ms"), 100.0, unit="ms"))
+    fig.ratios.append(
+        Ratio("host bytes per clone p50 (target under 1 MiB)", fig.median("clone_extra_bytes"), float(MIB), unit="B")
+    )
+    fig.notes.append(
+        f"archive {size / MIB:.0f} MiB (flattened qcow2 of the whole disk); the clone's bytes are "
+        "everything the home gained (the new overlay, the new layer's metadata, the database)"
+    )
+    return [fig]
+
+
 FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "boot_floor": fig_boot_floor,
     "cold_create": fig_cold_create,
@@ -1040,4 +1104,5 @@ FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "net_boot_cost": fig_net_boot_cost,
     "templates": fig_templates,
     "volumes": fig_volumes,
+    "disk_ops": fig_disk_ops,
 }

@@ -17,9 +17,11 @@ from ._native import (
     BoxMetrics,
     BoxOptions,
     BoxState,
+    CloneOptions,
     ContainerCapabilities,
     CopyOptions,
     ExecResult,
+    ExportOptions,
     GcReport,
     HealthCheckOptions,
     ImageInfo,
@@ -33,6 +35,9 @@ from ._native import (
     PullProgress,
     RuntimeMetrics,
     SecurityOptions,
+    SnapshotHandle,
+    SnapshotInfo,
+    SnapshotOptions,
 )
 from ._runtime import Box, Boxlite, ExecStdin, Execution
 from .errors import (
@@ -99,6 +104,11 @@ __all__ = [
     "GcReport",
     "BoxOptions",
     "CopyOptions",
+    "SnapshotHandle",
+    "SnapshotInfo",
+    "SnapshotOptions",
+    "CloneOptions",
+    "ExportOptions",
     "NetworkSpec",
     "OutboundNetworkSpec",
     "InboundNetworkSpec",

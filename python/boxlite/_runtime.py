@@ -308,6 +308,24 @@ class Box:
         ports. This box is paused for the copy and resumed (its ``exec`` streams end)."""
         return Box(await self._native.fork(name))
 
+    @property
+    def snapshot(self) -> _native.SnapshotHandle:
+        """The box's disk snapshots: ``create(name=...)``, ``list()``, ``get(name)``,
+        ``remove(name)``, ``restore(name)``. Creating and restoring need a stopped box."""
+        return self._native.snapshot
+
+    async def clone_box(self, *, options: _native.CloneOptions | None = None, name: str | None = None) -> Box:
+        """A new stopped box with this stopped box's options and files (its own id and
+        ``name``). Both share the unchanged disk blocks; writes in one never reach the other."""
+        return Box(await self._native.clone_box(options=options, name=name))
+
+    async def export(self, *, options: _native.ExportOptions | None = None, dest: PathLike) -> str:
+        """Writes this stopped box (options, image, its disk flattened) to one archive at
+        ``dest``, or ``<dest>/<name or id>.boxlite`` when ``dest`` is a directory; returns the
+        path. ``Boxlite.import_box`` makes a box from it in any home."""
+        path: str = await self._native.export(options=options, dest=os.fspath(dest))
+        return path
+
     async def __aenter__(self) -> Box:
         return self
 
@@ -389,6 +407,14 @@ class Boxlite:
         """Deletes a box (disk and record); a running box needs ``force=True``;
         ``BoxNotFoundError`` if there is none."""
         await self._native.remove(id_or_name, force)
+
+    async def import_box(self, archive_path: PathLike, name: str | None = None, *, untrusted: bool = False) -> Box:
+        """A stopped box made from an archive written by ``Box.export``, named ``name`` (else
+        unnamed). The archive is verified (checksums, sizes, member names, the disk's format)
+        before it is used; a bad one is a ``StorageError`` that leaves nothing behind.
+        ``untrusted=True`` also refuses archives whose options use host paths or ports."""
+        native = await self._native.import_box(os.fspath(archive_path), name, untrusted=untrusted)
+        return Box(native)
 
     def metrics(self) -> _native.RuntimeMetrics:
         """Runtime-wide counters, live (``await runtime.metrics()`` works too)."""

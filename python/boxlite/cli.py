@@ -256,6 +256,33 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("src", metavar="SRC")
     cp.add_argument("dest", metavar="DEST")
 
+    snapshot = command("snapshot", "manage a stopped box's disk snapshots")
+    snaps = snapshot.add_subparsers(dest="snapshot_command", metavar="ACTION", parser_class=_Parser)
+    snaps.required = True
+    for action, help in (
+        ("create", "freeze the box's disk as snapshot NAME"),
+        ("rm", "delete snapshot NAME"),
+        ("restore", "put the box's disk back to snapshot NAME"),
+    ):
+        p = snaps.add_parser(action, help=help, description=help)
+        p.add_argument("box", metavar="BOX")
+        p.add_argument("name", metavar="NAME")
+    ls = snaps.add_parser("ls", help="list a box's snapshots", description="list a box's snapshots")
+    ls.add_argument("box", metavar="BOX")
+
+    clone = command("clone", "make a new stopped box from a stopped box (thin: shares its disk blocks)")
+    clone.add_argument("box", metavar="BOX")
+    clone.add_argument("--name", help="a unique name for the new box")
+
+    export = command("export", "write a stopped box to one archive (.boxlite)")
+    export.add_argument("box", metavar="BOX")
+    export.add_argument("dest", metavar="DEST", help="a file, or a directory for <name or id>.boxlite")
+
+    imp = command("import", "make a stopped box from an archive written by export")
+    imp.add_argument("archive", metavar="ARCHIVE")
+    imp.add_argument("--name", help="a unique name for the new box")
+    imp.add_argument("--untrusted", action="store_true", help="refuse archives using host paths or ports")
+
     command("info", "show version, accelerator, isolation, guest bundle and home")
     return parser
 
@@ -705,6 +732,54 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+async def cmd_snapshot(args: argparse.Namespace) -> int:
+    rt = open_runtime(args.home)
+    box = await resolve_box(rt, args.box)
+    action = args.snapshot_command
+    if action == "create":
+        info = await box.snapshot.create(name=args.name)
+        print(info.name)
+    elif action == "rm":
+        await box.snapshot.remove(args.name)
+    elif action == "restore":
+        await box.snapshot.restore(args.name)
+    else:
+        rows = [["NAME", "CREATED", "SIZE", "DISK"]]
+        for snap in await box.snapshot.list():
+            rows.append(
+                [
+                    snap.name,
+                    human_ago(float(snap.created_at)),
+                    human_size(snap.size_bytes),
+                    human_size(snap.container_disk_bytes),
+                ]
+            )
+        table(rows, sys.stdout)
+    return 0
+
+
+async def cmd_clone(args: argparse.Namespace) -> int:
+    rt = open_runtime(args.home)
+    box = await resolve_box(rt, args.box)
+    clone = await box.clone_box(name=args.name)
+    print(clone.id)
+    return 0
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    rt = open_runtime(args.home)
+    box = await resolve_box(rt, args.box)
+    print(await box.export(dest=args.dest))
+    return 0
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    rt = open_runtime(args.home)
+    box = await rt.import_box(args.archive, args.name, untrusted=args.untrusted)
+    print(box.id)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "run": cmd_run,
     "exec": cmd_exec,
@@ -716,6 +791,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "images": cmd_images,
     "rmi": cmd_rmi,
     "cp": cmd_cp,
+    "snapshot": cmd_snapshot,
+    "clone": cmd_clone,
+    "export": cmd_export,
+    "import": cmd_import,
     "info": cmd_info,
 }
 

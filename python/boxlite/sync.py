@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -18,12 +18,17 @@ from ._native import (
     BoxInfo,
     BoxMetrics,
     BoxOptions,
+    CloneOptions,
     CopyOptions,
     ExecResult,
+    ExportOptions,
     GcReport,
     ImageInfo,
     Options,
     RuntimeMetrics,
+    SnapshotHandle,
+    SnapshotInfo,
+    SnapshotOptions,
 )
 from ._runtime import Box, Boxlite, EnvLike, ExecStdin, Execution, ExecutionId, PathLike
 from .errors import InvalidStateError
@@ -177,6 +182,33 @@ class SyncExecution:
         return f"Sync{self._execution!r}"
 
 
+async def _call(make: Callable[[], Awaitable[T]]) -> T:
+    # Native futures bind to the loop they are made on: make them on the private loop.
+    return await make()
+
+
+class SyncSnapshots:
+    """Blocking twin of ``Box.snapshot``."""
+
+    def __init__(self, handle: SnapshotHandle) -> None:
+        self._handle = handle
+
+    def create(self, *, options: SnapshotOptions | None = None, name: str) -> SnapshotInfo:
+        return _run(_call(lambda: self._handle.create(options=options, name=name)))
+
+    def list(self) -> list[SnapshotInfo]:
+        return _run(_call(self._handle.list))
+
+    def get(self, name: str) -> SnapshotInfo | None:
+        return _run(_call(lambda: self._handle.get(name)))
+
+    def remove(self, name: str) -> None:
+        _run(_call(lambda: self._handle.remove(name)))
+
+    def restore(self, name: str) -> None:
+        _run(_call(lambda: self._handle.restore(name)))
+
+
 class SyncBox:
     """Blocking twin of ``Box``; ``with box:`` stops it at the end."""
 
@@ -260,6 +292,16 @@ class SyncBox:
     def fork(self, name: str | None = None) -> SyncBox:
         return SyncBox(_run(self._box.fork(name)))
 
+    @property
+    def snapshot(self) -> SyncSnapshots:
+        return SyncSnapshots(self._box.snapshot)
+
+    def clone_box(self, *, options: CloneOptions | None = None, name: str | None = None) -> SyncBox:
+        return SyncBox(_run(self._box.clone_box(options=options, name=name)))
+
+    def export(self, *, options: ExportOptions | None = None, dest: PathLike) -> str:
+        return _run(self._box.export(options=options, dest=dest))
+
     def __enter__(self) -> SyncBox:
         return self
 
@@ -325,6 +367,9 @@ class SyncBoxlite:
     def get_or_create(self, options: BoxOptions, name: str | None = None) -> tuple[SyncBox, bool]:
         box, created = _run(self._runtime.get_or_create(options, name))
         return SyncBox(box), created
+
+    def import_box(self, archive_path: PathLike, name: str | None = None, *, untrusted: bool = False) -> SyncBox:
+        return SyncBox(_run(self._runtime.import_box(archive_path, name, untrusted=untrusted)))
 
     def get(self, id_or_name: str) -> SyncBox | None:
         box = _run(self._runtime.get(id_or_name))

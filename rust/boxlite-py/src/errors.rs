@@ -4,8 +4,8 @@
 //! `ValueError`, `TimeoutError`, ...); this module picks the class for each failure.
 
 use boxlite::{
-    BoxliteError, EngineError, ExecError, GuestError, ImageError, NetworkError, StateError,
-    StorageError,
+    BoxliteError, DiskError, EngineError, ExecError, GuestError, ImageError, NetworkError,
+    StateError, StorageError,
 };
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -51,6 +51,12 @@ pub fn class_name(error: &BoxliteError) -> &'static str {
         BoxliteError::Network(e) => match e {
             NetworkError::PortInUse { .. } => "PortInUseError",
             NetworkError::Setup { .. } => "NetworkError",
+        },
+        BoxliteError::Disk(e) => match e {
+            DiskError::SnapshotNotFound { .. } | DiskError::ArchiveNotFound { .. } => {
+                "NotFoundError"
+            }
+            DiskError::BadArchive { .. } => "StorageError",
         },
         BoxliteError::State(e) => match e {
             StateError::Sqlite { .. }
@@ -203,6 +209,20 @@ pub fn examples() -> Vec<BoxliteError> {
         .into(),
         NetworkError::Setup {
             reason: "eth0 did not appear".into(),
+        }
+        .into(),
+        DiskError::SnapshotNotFound {
+            box_id: "b".into(),
+            name: "s1".into(),
+        }
+        .into(),
+        DiskError::ArchiveNotFound {
+            path: "/x.boxlite".into(),
+        }
+        .into(),
+        DiskError::BadArchive {
+            path: "/x.boxlite".into(),
+            reason: "checksum".into(),
         }
         .into(),
     ]

@@ -14,6 +14,7 @@ mod metrics;
 mod network;
 mod options;
 mod runtime;
+mod snapshots;
 mod volumes;
 
 use pyo3::prelude::*;
@@ -87,6 +88,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<info::Ready>()?;
     m.add_class::<runtime::Runtime>()?;
     m.add_class::<runtime::NativeBox>()?;
+    m.add_class::<snapshots::SnapshotHandle>()?;
+    m.add_class::<snapshots::SnapshotInfo>()?;
+    m.add_class::<snapshots::SnapshotOptions>()?;
+    m.add_class::<snapshots::CloneOptions>()?;
+    m.add_class::<snapshots::ExportOptions>()?;
     m.add_class::<exec::NativeExecution>()?;
     m.add_class::<exec::ExecResult>()?;
     m.add_class::<exec::OutputStream>()?;

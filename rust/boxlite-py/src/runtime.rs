@@ -122,6 +122,26 @@ impl Runtime {
         )
     }
 
+    /// Makes a stopped box from a `.boxlite` archive (checked before use).
+    #[pyo3(signature = (archive_path, name=None, *, untrusted=false))]
+    fn import_box<'py>(
+        &self,
+        py: Python<'py>,
+        archive_path: PathBuf,
+        name: Option<String>,
+        untrusted: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let runtime = self.0.clone();
+        future_into_py(py, async move {
+            Ok(NativeBox(
+                runtime
+                    .import_box(&archive_path, name, untrusted)
+                    .await
+                    .py()?,
+            ))
+        })
+    }
+
     /// Boxes this runtime started or handles.
     fn boxes(&self, py: Python<'_>) -> Vec<NativeBox> {
         py.allow_threads(|| self.0.boxes())
@@ -312,6 +332,42 @@ impl NativeBox {
     fn resume<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let litebox = self.0.clone();
         future_into_py(py, async move { litebox.resume().await.py() })
+    }
+
+    /// The box's snapshots.
+    #[getter]
+    fn snapshot(&self) -> crate::snapshots::SnapshotHandle {
+        crate::snapshots::SnapshotHandle(self.0.clone())
+    }
+
+    /// A new stopped box sharing this stopped box's disk blocks.
+    #[pyo3(signature = (*, options=None, name=None))]
+    fn clone_box<'py>(
+        &self,
+        py: Python<'py>,
+        options: Option<PyRef<'py, crate::snapshots::CloneOptions>>,
+        name: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = options;
+        let litebox = self.0.clone();
+        future_into_py(py, async move {
+            Ok(NativeBox(litebox.clone_box(name).await.py()?))
+        })
+    }
+
+    /// Writes the stopped box to one archive; returns its path.
+    #[pyo3(signature = (*, options=None, dest))]
+    fn export<'py>(
+        &self,
+        py: Python<'py>,
+        options: Option<PyRef<'py, crate::snapshots::ExportOptions>>,
+        dest: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = options;
+        let litebox = self.0.clone();
+        future_into_py(py, async move {
+            Ok(litebox.export(&dest).await.py()?.display().to_string())
+        })
     }
 
     #[pyo3(signature = (name=None))]

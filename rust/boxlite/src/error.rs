@@ -1,5 +1,5 @@
 //! The one error type of the public API: a few cross-cutting variants, and one enum per area
-//! (images, engine, guest, exec, storage, state) joined in with `#[from]`. Sources are kept,
+//! (images, engine, guest, exec, storage, state, network, disk) joined in with `#[from]`. Sources are kept,
 //! not stringified; `kind()` gives every failure a stable name.
 
 use crate::units::Seconds;
@@ -64,6 +64,9 @@ pub enum BoxliteError {
 
     #[error(transparent)]
     Network(#[from] NetworkError),
+
+    #[error(transparent)]
+    Disk(#[from] DiskError),
 
     /// A bug in boxlite; please report it.
     #[error("internal error: {0}")]
@@ -209,6 +212,22 @@ pub enum NetworkError {
     Setup { reason: String },
 }
 
+/// Snapshots, clones and box archives.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The box has no snapshot of this name.
+    #[error("snapshot '{name}' not found for box '{box_id}'")]
+    SnapshotNotFound { box_id: String, name: String },
+
+    /// The archive to import does not exist.
+    #[error("Archive not found: {path}")]
+    ArchiveNotFound { path: String },
+
+    /// The archive is not one boxlite wrote, or was damaged or cut short; nothing was kept.
+    #[error("{path} is not a usable box archive: {reason}")]
+    BadArchive { path: String, reason: String },
+}
+
 /// The result type of the public API.
 pub type BoxliteResult<T> = Result<T, BoxliteError>;
 
@@ -307,6 +326,9 @@ impl BoxliteError {
             Self::State(_) => "database",
             Self::Network(NetworkError::PortInUse { .. }) => "port_in_use",
             Self::Network(NetworkError::Setup { .. }) => "network",
+            Self::Disk(DiskError::SnapshotNotFound { .. }) => "snapshot_not_found",
+            Self::Disk(DiskError::ArchiveNotFound { .. }) => "archive_not_found",
+            Self::Disk(DiskError::BadArchive { .. }) => "bad_archive",
         }
     }
 }

@@ -39,12 +39,12 @@ pub mod vmm;
 pub use boxlite_proto::{ExecTrace, TtySize};
 pub use copy::{CopyOptions, READ_FILE_LIMIT};
 pub use error::{
-    BoxliteError, BoxliteResult, EngineError, ExecError, GuestError, ImageError, NetworkError,
-    StateError, StorageError,
+    BoxliteError, BoxliteResult, DiskError, EngineError, ExecError, GuestError, ImageError,
+    NetworkError, StateError, StorageError,
 };
 pub use exec::{BoxCommand, ExecResult, ExecStdin, Execution, OutputStream};
 pub use ids::{BoxID, ContainerID};
-pub use litebox::{BoxInfo, BoxStatus, LiteBox};
+pub use litebox::{BoxInfo, BoxStatus, LiteBox, SnapshotInfo, ARCHIVE_EXTENSION};
 pub use metrics::{BoxMetrics, RuntimeMetrics};
 pub use options::{
     default_home, BoxOptions, BoxliteOptions, NetworkOptions, PortProtocol, PortSpec, VolumeSpec,

@@ -171,6 +171,22 @@ impl RuntimeShared {
             .map_err(|_| BoxliteError::Internal("boot slots closed".into()))
     }
 
+    /// Holds off image GC and layer sweeps while disks are frozen or made.
+    pub async fn hold_images(&self) -> BoxliteResult<FileLock> {
+        self.images.hold().await
+    }
+
+    /// Removes the frozen disk layers nothing uses any more, unless a GC or a disk operation
+    /// is under way (image GC catches them later).
+    pub fn sweep_layers(&self) {
+        if let Ok(Some(_exclusive)) = self.images.try_exclusive() {
+            let freed = crate::disks::layers::sweep(&self.options.home_dir, &[]);
+            if freed > 0 {
+                tracing::debug!(bytes = freed, "unused disk layers removed");
+            }
+        }
+    }
+
     fn lock_path(&self, id: &BoxID) -> PathBuf {
         self.box_dir(id).join("lock")
     }
@@ -353,6 +369,7 @@ impl BoxliteRuntime {
                 let _ = std::fs::remove_dir_all(shared.box_dir(&now.id));
             }
         }
+        crate::litebox::clean_ingest(&shared.options.home_dir);
         // Directories without a record are creations that died half-way (their lock is free).
         let known: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
         if let Ok(entries) = std::fs::read_dir(shared.options.home_dir.join("boxes")) {
@@ -576,6 +593,20 @@ impl BoxliteRuntime {
     pub async fn remove(&self, id_or_name: &str, force: bool) -> BoxliteResult<()> {
         let record = self.shared.record_or_not_found(id_or_name)?;
         self.handle(record).remove(force).await
+    }
+
+    /// Makes a stopped box from a `.boxlite` archive written by [`LiteBox::export`], named
+    /// `name` (else unnamed). The archive is checked before anything of it is used; a bad one
+    /// is `BadArchive` and leaves nothing behind. `untrusted` also refuses host-only options.
+    pub async fn import_box(
+        &self,
+        archive: &Path,
+        name: Option<String>,
+        untrusted: bool,
+    ) -> BoxliteResult<LiteBox> {
+        let litebox = crate::litebox::import_box(&self.shared, archive, name, untrusted).await?;
+        self.remember(&litebox);
+        Ok(litebox)
     }
 
     /// Boxes with a live handle in this process, and those this runtime started and keeps.

@@ -90,7 +90,7 @@ pub(crate) struct StateStore {
 
 /// The schema this build writes. Version 0 is the first release (no `user_version`, the
 /// default command kept in `<box>/command.json`).
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS boxes (
@@ -109,6 +109,27 @@ CREATE TABLE IF NOT EXISTS boxes (
     creator_pid   INTEGER,
     creator_start INTEGER,
     ports         TEXT
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id            TEXT PRIMARY KEY,
+    box_id        TEXT NOT NULL REFERENCES boxes(id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    size_bytes    INTEGER NOT NULL,
+    disk_bytes    INTEGER NOT NULL,
+    UNIQUE (box_id, name)
+);";
+
+/// v2 -> v3: disk snapshots.
+const SNAPSHOTS_V3: &str = "
+CREATE TABLE IF NOT EXISTS snapshots (
+    id            TEXT PRIMARY KEY,
+    box_id        TEXT NOT NULL REFERENCES boxes(id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    size_bytes    INTEGER NOT NULL,
+    disk_bytes    INTEGER NOT NULL,
+    UNIQUE (box_id, name)
 );";
 
 /// The first release's file holding `entrypoint`, `cmd` and `tty` beside the record.
@@ -173,6 +194,9 @@ fn migrate(conn: &mut Connection, boxes_dir: &Path) -> rusqlite::Result<Vec<Path
         if version < 2 {
             // v1 -> v2: the published ports of a running box (as bound).
             tx.execute_batch("ALTER TABLE boxes ADD COLUMN ports TEXT;")?;
+        }
+        if version < 3 {
+            tx.execute_batch(SNAPSHOTS_V3)?;
         }
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -441,6 +465,10 @@ impl StateStore {
 
     pub fn delete(&self, id: &BoxID) -> BoxliteResult<()> {
         self.with("removing a box", |c| {
+            c.execute(
+                "DELETE FROM snapshots WHERE box_id = ?1",
+                params![id.to_string()],
+            )?;
             c.execute("DELETE FROM boxes WHERE id = ?1", params![id.to_string()])
         })?;
         Ok(())
@@ -472,6 +500,78 @@ impl StateStore {
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })?;
         raws.into_iter().map(RawRecord::parse).collect()
+    }
+}
+
+/// One disk snapshot of a box, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotRecord {
+    pub id: String,
+    pub box_id: BoxID,
+    pub name: String,
+    pub created_at_ms: i64,
+    /// Bytes the snapshot's frozen layer holds (what it changed since the layer below).
+    pub size_bytes: u64,
+    /// The box disk's virtual size when it was taken.
+    pub disk_bytes: u64,
+}
+
+impl StateStore {
+    /// Adds a snapshot; a name the box already uses is `AlreadyExists`.
+    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> BoxliteResult<()> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| BoxliteError::Internal("state lock poisoned".into()))?;
+        let result = conn.execute(
+            "INSERT INTO snapshots (id, box_id, name, created_at_ms, size_bytes, disk_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                s.id,
+                s.box_id.to_string(),
+                s.name,
+                s.created_at_ms,
+                s.size_bytes as i64,
+                s.disk_bytes as i64
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(BoxliteError::AlreadyExists {
+                what: "a snapshot",
+                name: s.name.clone(),
+            }),
+            Err(e) => Err(sqlite("adding a snapshot")(e)),
+        }
+    }
+
+    /// A box's snapshots, oldest first.
+    pub fn snapshots(&self, box_id: &BoxID) -> BoxliteResult<Vec<SnapshotRecord>> {
+        let rows = self.with("listing snapshots", |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, name, created_at_ms, size_bytes, disk_bytes FROM snapshots
+                 WHERE box_id = ?1 ORDER BY created_at_ms, rowid",
+            )?;
+            let rows = stmt.query_map(params![box_id.to_string()], |row| {
+                Ok(SnapshotRecord {
+                    id: row.get(0)?,
+                    box_id: *box_id,
+                    name: row.get(1)?,
+                    created_at_ms: row.get(2)?,
+                    size_bytes: row.get::<_, i64>(3)?.max(0) as u64,
+                    disk_bytes: row.get::<_, i64>(4)?.max(0) as u64,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        Ok(rows)
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> BoxliteResult<()> {
+        self.with("removing a snapshot", |c| {
+            c.execute("DELETE FROM snapshots WHERE id = ?1", params![id])
+        })?;
+        Ok(())
     }
 }
 
@@ -721,6 +821,46 @@ mod tests {
         // Opening again is a no-op.
         let again = StateStore::open(home.path()).unwrap();
         assert_eq!(again.find("legacy").unwrap().unwrap(), legacy);
+    }
+
+    #[test]
+    fn snapshots_are_per_box_named_once_and_go_with_their_box() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let a = record(None);
+        store.insert(&a).unwrap();
+        let snap = |name: &str| SnapshotRecord {
+            id: ulid::Ulid::new().to_string(),
+            box_id: a.id,
+            name: name.into(),
+            created_at_ms: now_ms(),
+            size_bytes: 1,
+            disk_bytes: 2,
+        };
+        let s1 = snap("s1");
+        store.insert_snapshot(&s1).unwrap();
+        store.insert_snapshot(&snap("s2")).unwrap();
+        let err = store.insert_snapshot(&snap("s1")).unwrap_err();
+        assert_eq!(err.kind(), "already_exists");
+        assert_eq!(store.snapshots(&a.id).unwrap()[0], s1);
+        store.delete_snapshot(&s1.id).unwrap();
+        assert_eq!(store.snapshots(&a.id).unwrap().len(), 1);
+        store.delete(&a.id).unwrap();
+        assert!(store.snapshots(&a.id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_2_home_gains_the_snapshots_table() {
+        let home = tempfile::tempdir().unwrap();
+        drop(StateStore::open(home.path()).unwrap());
+        let conn = Connection::open(home.path().join("boxlite.db")).unwrap();
+        conn.execute_batch("DROP TABLE snapshots; PRAGMA user_version = 2;")
+            .unwrap();
+        drop(conn);
+        let store = StateStore::open(home.path()).unwrap();
+        let a = record(None);
+        store.insert(&a).unwrap();
+        assert!(store.snapshots(&a.id).unwrap().is_empty());
     }
 
     #[test]

@@ -55,7 +55,7 @@ struct Ref {
 }
 
 /// What each box's disks rest on: `(box id, backing files nearest first)` for every qcow2 in
-/// a box directory, or `None` if some box disk could not be read (then nothing a box might
+/// a box directory or its `snapshots/`, or `None` if some box disk could not be read (then nothing a box might
 /// use may be removed).
 pub(crate) fn box_disk_chains(boxes_dir: &Path) -> Option<Vec<(String, Vec<PathBuf>)>> {
     let mut chains = Vec::new();
@@ -71,7 +71,12 @@ pub(crate) fn box_disk_chains(boxes_dir: &Path) -> Option<Vec<(String, Vec<PathB
         let Ok(files) = std::fs::read_dir(&box_dir) else {
             return None;
         };
-        for file in files.flatten() {
+        // A box's snapshots (`snapshots/<id>.qcow2`, empty overlays on frozen layers) are
+        // roots too.
+        let snapshots = std::fs::read_dir(box_dir.join("snapshots"))
+            .into_iter()
+            .flatten();
+        for file in files.flatten().chain(snapshots.flatten()) {
             let path = file.path();
             if path.extension().and_then(|e| e.to_str()) != Some("qcow2") {
                 continue;

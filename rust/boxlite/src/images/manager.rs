@@ -229,6 +229,14 @@ impl ImageManager {
         self.inner.store.lock_gc(false).await
     }
 
+    /// The GC lock, exclusively, if nobody holds it now (a quick sweep that may be skipped).
+    pub(crate) fn try_exclusive(&self) -> BoxliteResult<Option<FileLock>> {
+        FileLock::try_acquire(
+            &self.inner.store.locks_dir().join("gc.lock"),
+            crate::fsutil::LockMode::Exclusive,
+        )
+    }
+
     /// The image for a new box: from the store if it is there (no network at all), else
     /// pulled first. The caller holds [`hold`](Self::hold).
     pub(crate) async fn prepare(&self, text: &str) -> BoxliteResult<PreparedImage> {

@@ -81,6 +81,8 @@ impl LiteBox {
     async fn split_into(&self, child: &LiteBox) -> BoxliteResult<()> {
         let layers = self.inner.runtime.options.home_dir.join("layers");
         std::fs::create_dir_all(&layers).ctx(|| format!("creating {}", layers.display()))?;
+        // Layer sweeps and image GC must not see the layer before the overlays on it.
+        let _hold = self.inner.runtime.hold_images().await?;
         let frozen = layers.join(format!("{}.qcow2", ulid::Ulid::new()));
         let disk = self.inner.dir.join("disk.qcow2");
         std::fs::rename(&disk, &frozen).ctx(|| format!("freezing {}", disk.display()))?;

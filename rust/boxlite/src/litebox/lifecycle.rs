@@ -434,10 +434,13 @@ impl LiteBox {
         self.inner.runtime.store.delete(&self.inner.id)?;
         self.inner.runtime.forget(&self.inner.id);
         let _ = std::fs::remove_dir_all(crate::vm::fallback_socket_dir(&self.inner.id.to_string()));
-        match std::fs::remove_dir_all(&self.inner.dir) {
+        let removed = match std::fs::remove_dir_all(&self.inner.dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             other => other.ctx(|| format!("removing {}", self.inner.dir.display())),
-        }
+        };
+        // Layers only this box's disk and snapshots rested on.
+        self.inner.runtime.sweep_layers();
+        removed
     }
 
     /// Whether the box is running now (as far as the state database and the supervisor say).

@@ -7,7 +7,9 @@ mod command;
 mod connection;
 mod fork;
 mod lifecycle;
+mod snapshots;
 mod status;
+mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -18,8 +20,11 @@ use boxlite_proto::Message;
 use serde::Serialize;
 
 pub(crate) use connection::Connection;
+pub use snapshots::SnapshotInfo;
 pub use status::BoxStatus;
 pub(crate) use status::Event;
+pub use transfer::ARCHIVE_EXTENSION;
+pub(crate) use transfer::{clean_ingest, import as import_box};
 
 use crate::copy::CopyOptions;
 use crate::error::{BoxliteError, BoxliteResult};
