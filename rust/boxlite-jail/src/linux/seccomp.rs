@@ -131,14 +131,9 @@ const JGE: u32 = libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K;
 const JSET: u32 = libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K;
 const RET: u32 = libc::BPF_RET | libc::BPF_K;
 
-/// The filter program, or why this architecture has none.
-pub(super) fn vmm_filter() -> Result<Vec<sock_filter>, String> {
-    let arch = ARCH.ok_or_else(|| {
-        format!(
-            "no seccomp filter for {}; use Seccomp::Disabled",
-            std::env::consts::ARCH
-        )
-    })?;
+/// Kills a process calling in with another architecture's numbers, refuses x32 calls, and
+/// leaves the syscall number loaded.
+fn prologue(arch: u32) -> Vec<sock_filter> {
     let mut prog = vec![
         stmt(LD_ABS, OFFSET_ARCH),
         jump(JEQ, arch, 1, 0),
@@ -150,6 +145,18 @@ pub(super) fn vmm_filter() -> Result<Vec<sock_filter>, String> {
         prog.push(jump(JGE, 0x4000_0000, 0, 1));
         prog.push(stmt(RET, ret_errno(libc::ENOSYS)));
     }
+    prog
+}
+
+/// The filter program, or why this architecture has none.
+pub(super) fn vmm_filter() -> Result<Vec<sock_filter>, String> {
+    let arch = ARCH.ok_or_else(|| {
+        format!(
+            "no seccomp filter for {}; use Seccomp::Disabled",
+            std::env::consts::ARCH
+        )
+    })?;
+    let mut prog = prologue(arch);
     for nr in denied() {
         prog.push(jump(JEQ, nr as u32, 0, 1));
         prog.push(stmt(RET, ret_errno(libc::EPERM)));
@@ -208,16 +215,7 @@ fn mode_setting_calls() -> Vec<(libc::c_long, u32)> {
 /// its mode in memory, which BPF cannot read: it is answered ENOSYS so callers use `openat`.
 pub(super) fn no_setid_filter() -> Result<Vec<sock_filter>, String> {
     let arch = ARCH.ok_or_else(|| format!("no seccomp filter for {}", std::env::consts::ARCH))?;
-    let mut prog = vec![
-        stmt(LD_ABS, OFFSET_ARCH),
-        jump(JEQ, arch, 1, 0),
-        stmt(RET, RET_KILL),
-        stmt(LD_ABS, OFFSET_NR),
-    ];
-    if arch == AUDIT_ARCH_X86_64 {
-        prog.push(jump(JGE, 0x4000_0000, 0, 1));
-        prog.push(stmt(RET, ret_errno(libc::ENOSYS)));
-    }
+    let mut prog = prologue(arch);
     prog.push(jump(JEQ, libc::SYS_openat2 as u32, 0, 1));
     prog.push(stmt(RET, ret_errno(libc::ENOSYS)));
     let setid: u32 = libc::S_ISUID | libc::S_ISGID;

@@ -35,14 +35,7 @@ pub(crate) async fn create_clone_prototype(
     prototype: &Path,
     size: u64,
 ) -> BoxliteResult<()> {
-    let qemu_img = find_tool("qemu-img", "qemu-utils")?;
-    let mut command = Command::new(qemu_img);
-    command
-        .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(backing)
-        .arg(prototype)
-        .arg(size.to_string());
-    run_tool(command).await
+    super::layers::create_overlay_on(backing, prototype, size).await
 }
 
 /// A box's disk from its template's prototype overlay (a plain copy: a qcow2 overlay has no
