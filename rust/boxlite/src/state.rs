@@ -109,18 +109,9 @@ CREATE TABLE IF NOT EXISTS boxes (
     creator_pid   INTEGER,
     creator_start INTEGER,
     ports         TEXT
-);
-CREATE TABLE IF NOT EXISTS snapshots (
-    id            TEXT PRIMARY KEY,
-    box_id        TEXT NOT NULL REFERENCES boxes(id) ON DELETE CASCADE,
-    name          TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL,
-    size_bytes    INTEGER NOT NULL,
-    disk_bytes    INTEGER NOT NULL,
-    UNIQUE (box_id, name)
 );";
 
-/// v2 -> v3: disk snapshots.
+/// v2 -> v3: disk snapshots (a new home gets it after `SCHEMA`).
 const SNAPSHOTS_V3: &str = "
 CREATE TABLE IF NOT EXISTS snapshots (
     id            TEXT PRIMARY KEY,
@@ -187,6 +178,7 @@ fn migrate(conn: &mut Connection, boxes_dir: &Path) -> rusqlite::Result<Vec<Path
     }
     if !has_boxes {
         tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(SNAPSHOTS_V3)?;
     } else {
         if version < 1 {
             leftovers = migrate_v0_to_v1(&tx, boxes_dir)?;
