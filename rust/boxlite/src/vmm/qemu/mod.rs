@@ -291,6 +291,16 @@ mod tests {
     use crate::units::Bytes;
     use crate::vmm::DiskAttachment;
 
+    /// The engine's arguments for `config` as one line, for `contains` checks.
+    fn joined_args(engine: &QemuEngine, config: &VmConfig) -> String {
+        engine
+            .args(config)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     fn config() -> VmConfig {
         VmConfig {
             name: "boxlite-test".into(),
@@ -333,12 +343,7 @@ mod tests {
                 socket: "/h/fs1.sock".into(),
             },
         ];
-        let joined = engine
-            .args(&config)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = joined_args(&engine, &config);
         assert!(joined.contains("-object memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(!joined.contains("memory-backend-ram"));
         assert!(joined.contains("-chardev socket,id=fs0,path=/h/f,,s0.sock"));
@@ -386,24 +391,14 @@ mod tests {
         let mut config = config();
         config.memory_source = MemorySource::SharedFile("/t/r,am".into());
         config.qmp_socket = Some("/h/qmp.sock".into());
-        let joined = engine
-            .args(&config)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = joined_args(&engine, &config);
         assert!(joined
             .contains("-object memory-backend-file,id=mem,size=512M,share=on,mem-path=/t/r,,am"));
         assert!(joined.contains("-only-migratable"));
         assert!(joined.contains("-qmp unix:/h/qmp.sock,server=on,wait=off"));
         config.memory_source = MemorySource::PrivateFile("/t/ram".into());
         config.incoming = true;
-        let joined = engine
-            .args(&config)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = joined_args(&engine, &config);
         assert!(joined.contains("share=off,mem-path=/t/ram"));
         assert!(joined.contains("-incoming defer"));
     }
