@@ -55,18 +55,7 @@ impl LiteBox {
         let dir = runtime.box_dir(&id);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         // Paused from the start: its first start resumes the shared state.
-        let record = BoxRecord {
-            image: parent.image.clone(),
-            image_config: parent.image_config.clone(),
-            base_disk: parent.base_disk.clone(),
-            status: BoxStatus::Paused,
-            ..BoxRecord::creating(id, options)
-        };
-        if let Err(e) = runtime.store.insert(&record) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let child = LiteBox::from_record(record, runtime.clone());
+        let child = self.insert_child(&parent, id, options, BoxStatus::Paused, &dir)?;
         match self.split_into(&child).await {
             Ok(()) => Ok(child),
             Err(e) => {
@@ -74,6 +63,31 @@ impl LiteBox {
                 Err(e)
             }
         }
+    }
+
+    /// Records a box made from `parent` (its image and disk lineage, `options`, `status`) and
+    /// returns its handle; on failure the child's directory `dir` is removed.
+    pub(super) fn insert_child(
+        &self,
+        parent: &BoxRecord,
+        id: BoxID,
+        options: crate::options::BoxOptions,
+        status: BoxStatus,
+        dir: &Path,
+    ) -> BoxliteResult<LiteBox> {
+        let runtime = &self.inner.runtime;
+        let record = BoxRecord {
+            image: parent.image.clone(),
+            image_config: parent.image_config.clone(),
+            base_disk: parent.base_disk.clone(),
+            status,
+            ..BoxRecord::creating(id, options)
+        };
+        if let Err(e) = runtime.store.insert(&record) {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
+        Ok(LiteBox::from_record(record, runtime.clone()))
     }
 
     /// Freezes this box's disk into a shared layer, puts a new overlay for each box on it, and

@@ -216,18 +216,7 @@ impl LiteBox {
         let dir = runtime.box_dir(&id);
         std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
         let _child_lock = runtime.lock_box(&id).await?;
-        let record = BoxRecord {
-            image: parent.image.clone(),
-            image_config: parent.image_config.clone(),
-            base_disk: parent.base_disk.clone(),
-            status: BoxStatus::Stopped,
-            ..BoxRecord::creating(id, options)
-        };
-        if let Err(e) = runtime.store.insert(&record) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        let child = LiteBox::from_record(record, runtime.clone());
+        let child = self.insert_child(&parent, id, options, BoxStatus::Stopped, &dir)?;
         let made = async {
             let hold = runtime.hold_images().await?;
             let disk = self.disk_path();
