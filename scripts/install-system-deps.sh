@@ -15,6 +15,7 @@ declare -A NEEDED=(
   [skopeo]=skopeo
   [htpasswd]=apache2-utils
   [depmod]=kmod
+  [node]=nodejs  # the Node.js kernel's unit test (tests/test_node_kernel_unit.py)
 )
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
