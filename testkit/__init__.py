@@ -5,7 +5,8 @@
   crafted layer) and readers for layouts (digests, blob sizes, `umoci unpack`).
 - `testkit.images`: the image stand-ins, built from Debian packages and cached under
   `build/test-images/<hash of the builder>/`: an alpine-like busybox image, a python:slim-like
-  image with pip, a multi-layer image of unpacking's hard cases and two multi-platform indexes.
+  image with pip, a node:slim-like image on the same base, a multi-layer image of unpacking's
+  hard cases and two multi-platform indexes.
 - `testkit.registry`: Debian's `docker-registry` on a free 127.0.0.1 port (optionally behind
   htpasswd), filled with `skopeo`, and a proxy that counts, corrupts, slows down or demands a
   bearer token.

@@ -5,8 +5,11 @@ layout writer (so images are built once per machine and again only when these ch
 
   alpine/     tag latest: the busybox image (the one `make image` makes), the alpine stand-in
   python/     tag slim:   a python:slim stand-in: a merged-/usr Debian in three layers (base
-              libraries, dash and a static busybox; the python3.11 interpreter; the standard
-              library with pip, setuptools and wheel)
+              libraries, dash, bash and a static busybox; the python3.11 interpreter; the
+              standard library with pip, setuptools and wheel)
+  node/       tag slim:   a node:slim stand-in: the same base layer, then Debian 12's Node.js 18
+              in two layers (the C++ runtime, ICU, libuv and the other libraries node links
+              against; node itself with the JavaScript modules Debian keeps apart from it)
   layers/     tag latest: python/ plus two layers with a whiteout, a directory whiteout, an
               opaque directory, hard links (also across layers), symlinks, setuid/setgid/sticky
               modes, files owned by uid 1234, a user.* xattr, a FIFO, and an image config
@@ -169,6 +172,7 @@ BASE_PACKAGES = [
     "libncursesw6",
     "libreadline8",
     "dash",
+    "bash",  # python:slim and node:slim have it (and the interpreter's bash language needs it)
     "libc-bin",  # getent and ldconfig, as in python:slim
 ]
 PYTHON_PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "python3-minimal"]
@@ -249,24 +253,30 @@ def add_debs(layer: Layer, debs: Iterable[Path], seen_dirs: set[str]) -> None:
 # ------------------------------------------------------------------------ the python image
 
 
-def python_base(layer: Layer) -> None:
+def debian_root(layer: Layer) -> None:
     """The root skeleton of a merged-/usr Debian: what it has besides its packages."""
     skeleton(layer, ("run", "usr/lib", "usr/lib64", "usr/local", "usr/local/bin", "var", "var/tmp"))
     for name in MERGED:
         layer.add(name, tarfile.SYMTYPE, 0o777, link=f"usr/{name}")
-    layer.add("etc/os-release", data=b'PRETTY_NAME="boxlite python:slim stand-in (Debian)"\nID=debian\n')
+    layer.add("etc/os-release", data=b'PRETTY_NAME="boxlite slim stand-in (Debian)"\nID=debian\n')
     layer.add("usr/bin/sh", tarfile.SYMTYPE, 0o777, link="dash")
 
 
-def python_layers(debs: Path, busybox: Path = BUSYBOX) -> list[bytes]:
-    """The base (libraries, dash as sh, busybox for the other tools), the interpreter, and the
-    standard library with pip: python:slim's shape, three layers."""
+def base_layer(debs: Path, busybox: Path = BUSYBOX) -> tuple[bytes, frozenset[str]]:
+    """The base both slim stand-ins share (libraries, dash as sh, bash, busybox for the other
+    tools), and the directories it holds (the layers above do not repeat them)."""
     seen: set[str] = set()
     base = Layer()
-    python_base(base)
+    debian_root(base)
     seen.update(base.names)
     add_debs(base, download(BASE_PACKAGES, debs), seen)
     add_busybox(base, busybox, merged_usr)
+    return base.finish(), frozenset(seen)
+
+
+def python_layers(debs: Path, base: tuple[bytes, frozenset[str]]) -> list[bytes]:
+    """`base`, the interpreter, and the standard library with pip: python:slim's shape."""
+    seen = set(base[1])
     interpreter = Layer()
     add_debs(interpreter, download(PYTHON_PACKAGES, debs), seen)
     for name in ("python", "python3"):
@@ -274,7 +284,7 @@ def python_layers(debs: Path, busybox: Path = BUSYBOX) -> list[bytes]:
     stdlib = Layer()
     add_debs(stdlib, download(STDLIB_PACKAGES, debs), seen)
     stdlib.add("usr/local/bin/pip", tarfile.SYMTYPE, 0o777, link="/usr/bin/pip3")
-    return [base.finish(), interpreter.finish(), stdlib.finish()]
+    return [base[0], interpreter.finish(), stdlib.finish()]
 
 
 PYTHON_CONFIG = {
@@ -283,6 +293,74 @@ PYTHON_CONFIG = {
     "WorkingDir": "/",
 }
 PYTHON_HISTORY = [f"testkit/images.py python: {part}" for part in ("base", "interpreter", "stdlib and pip")]
+
+
+# ------------------------------------------------------------------------ the node image
+
+# The libraries node links against (beyond the base's libc, libssl and zlib).
+NODE_RUNTIME_PACKAGES = ["libstdc++6", "libicu72", "libuv1", "libc-ares2", "libbrotli1", "libnghttp2-14"]
+# libnode108 loads acorn, cjs-module-lexer and undici from /usr/share/nodejs (Debian unbundles
+# them): without them node aborts at startup. Debian's node also reads the CA bundle at every
+# start (and warns without it). nodejs itself is pinned below.
+NODE_PACKAGES = [
+    "libnode108",
+    "node-acorn",
+    "node-xtend",
+    "node-cjs-module-lexer",
+    "node-undici",
+    "node-busboy",
+    "ca-certificates",
+]
+CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+
+
+def candidate_version(package: str) -> str:
+    """The version apt would install of `package`."""
+    out = subprocess.run(
+        ["apt-cache", "show", "--no-all-versions", package], check=True, capture_output=True, text=True
+    ).stdout
+    versions = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Version:")]
+    if not versions:
+        raise SystemExit(f"testkit: apt-cache knows no {package} (run `apt-get update`?)")
+    return versions[0]
+
+
+def ca_bundle(debs: Iterable[Path]) -> bytes:
+    """The PEM bundle update-ca-certificates (a postinst step, not run here) makes of the
+    certificates in `debs`."""
+    certs = {}
+    for deb in debs:
+        data = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar.getmembers():
+                name = member.name.removeprefix("./")
+                file = tar.extractfile(member) if member.isreg() else None
+                if file is not None and name.startswith("usr/share/ca-certificates/") and name.endswith(".crt"):
+                    certs[name] = file.read()
+    return b"".join(pem if pem.endswith(b"\n") else pem + b"\n" for _, pem in sorted(certs.items()))
+
+
+def node_layers(debs: Path, base: tuple[bytes, frozenset[str]]) -> list[bytes]:
+    """`base`, node's libraries, and node: node:slim's shape (without npm and yarn)."""
+    seen = set(base[1])
+    runtime = Layer()
+    add_debs(runtime, download(NODE_RUNTIME_PACKAGES, debs), seen)
+    node = Layer()
+    # Debian's nodejs, of libnode108's version: the host may have another nodejs (say, from
+    # NodeSource) installed, whose version the archive does not have.
+    node_debs = download([f"nodejs={candidate_version('libnode108')}", *NODE_PACKAGES], debs)
+    add_debs(node, node_debs, seen)
+    node.add(CA_BUNDLE, data=ca_bundle(node_debs))
+    node.add("usr/local/bin/node", tarfile.SYMTYPE, 0o777, link="/usr/bin/node")
+    return [base[0], runtime.finish(), node.finish()]
+
+
+NODE_CONFIG = {
+    "Env": [PATH_ENV, "LANG=C.UTF-8", "NODE_VERSION=18"],
+    "Cmd": ["node"],
+    "WorkingDir": "/",
+}
+NODE_HISTORY = [f"testkit/images.py node: {part}" for part in ("base", "libraries", "node")]
 
 
 # ------------------------------------------------------------------------ the other images
@@ -362,8 +440,11 @@ def build(out: Path, debs: Path, busybox: Path = BUSYBOX) -> None:
     arch = host_arch()
     others = [a for a in ("arm64", "s390x", "ppc64le") if a != arch][:2]
     _single(out / "alpine", "latest", lambda layout: busybox_image(layout, busybox))
-    py_layers = python_layers(debs, busybox)
+    base = base_layer(debs, busybox)
+    py_layers = python_layers(debs, base)
     _single(out / "python", "slim", lambda layout: layout.image(arch, py_layers, PYTHON_CONFIG, PYTHON_HISTORY))
+    node = node_layers(debs, base)
+    _single(out / "node", "slim", lambda layout: layout.image(arch, node, NODE_CONFIG, NODE_HISTORY))
     layers_history = [*PYTHON_HISTORY, "testkit/images.py layers: a", "testkit/images.py layers: b"]
     _single(
         out / "layers",
@@ -433,6 +514,11 @@ def built_images() -> Path:
 def python_layout() -> Path:
     """The python:slim stand-in's layout (tag slim), for `rootfs_path`."""
     return built_images() / "python"
+
+
+def node_layout() -> Path:
+    """The node:slim stand-in's layout (tag slim), for `rootfs_path`."""
+    return built_images() / "node"
 
 
 def main(argv: list[str] | None = None) -> int:

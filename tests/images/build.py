@@ -3,8 +3,8 @@
 
     tests/images/build.py [OUT_ROOT]        (default: build/test-images)
 
-Prints the directory that holds the layouts, OUT_ROOT/<key>/ (alpine/, python/, layers/,
-multiarch/, foreign/), built once per machine and reused until the test kit's image builder
+Prints the directory that holds the layouts, OUT_ROOT/<key>/ (alpine/, python/, node/,
+layers/, multiarch/, foreign/), built once per machine and reused until the test kit's image builder
 changes. `make test-images` and the ext4 crate's stand-in test run this script.
 """
 
