@@ -340,6 +340,19 @@ def test_requests_queue_and_bad_ones_are_answered(kernel: Kernel) -> None:
     assert kernel.run("1")[-1]["execution_count"] == 4
 
 
+def test_process_exit_in_a_cell_still_ends_the_run() -> None:
+    k = Kernel([node(), "-e", KERNEL.read_text()])
+    messages = k.run("console.log('bye'); process.exit(3)")
+    assert stream_text(messages, "stdout") == "bye\n"
+    assert the_error(messages) == {
+        "type": "error",
+        "name": "Exit",
+        "value": "process.exit(3) ended the kernel",
+        "traceback": "Exit: process.exit(3) ended the kernel",
+    }
+    assert k.proc.wait(timeout=WAIT) == 3
+
+
 def test_require_resolves_from_the_working_directory(tmp_path: Path) -> None:
     package = tmp_path / "node_modules" / "greeting"
     package.mkdir(parents=True)

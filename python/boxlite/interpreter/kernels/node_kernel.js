@@ -338,6 +338,11 @@
     if (current) current.finish(errorMessage(err));
     else send({ type: 'stderr', text: `Uncaught ${inspect(err)}\n` });
   });
+  // process.exit() in a cell still ends the run (the host then sees the kernel gone).
+  process.on('exit', (code) => {
+    const value = `process.exit(${code}) ended the kernel`;
+    if (current) current.finish({ type: 'error', name: 'Exit', value, traceback: `Exit: ${value}` });
+  });
   process.on('unhandledRejection', (reason) => {
     send({ type: 'stderr', text: `Uncaught (in promise) ${inspect(reason)}\n` });
   });
