@@ -340,17 +340,34 @@ def test_requests_queue_and_bad_ones_are_answered(kernel: Kernel) -> None:
     assert kernel.run("1")[-1]["execution_count"] == 4
 
 
-def test_process_exit_in_a_cell_still_ends_the_run() -> None:
-    k = Kernel([node(), "-e", KERNEL.read_text()])
-    messages = k.run("console.log('bye'); process.exit(3)")
+def test_process_exit_ends_the_cell_not_the_kernel(kernel: Kernel) -> None:
+    kernel.run("let kept = 'state'")
+    messages = kernel.run("console.log('bye'); process.exit(3); console.log('not reached')")
     assert stream_text(messages, "stdout") == "bye\n"
-    assert the_error(messages) == {
-        "type": "error",
-        "name": "Exit",
-        "value": "process.exit(3) ended the kernel",
-        "traceback": "Exit: process.exit(3) ended the kernel",
-    }
-    assert k.proc.wait(timeout=WAIT) == 3
+    error = {"type": "error", "name": "Exit", "value": "process.exit(3)", "traceback": "", "exit_code": 3}
+    assert the_error(messages) == error
+    assert by_type(kernel.run("process.exit()"), "error") == []  # status 0: a plain end
+    later = kernel.run("await new Promise(() => setTimeout(() => process.exit(4), 10))")
+    assert the_error(later)["exit_code"] == 4
+    assert result_text(kernel.run("kept")) == "'state'"
+
+
+def test_cells_read_an_empty_stdin(kernel: Kernel) -> None:
+    code = "let got = ''; for await (const chunk of process.stdin) got += chunk; JSON.stringify(got)"
+    assert result_text(kernel.run(code)) == "'\"\"'"
+    # The requests sent meanwhile are still the kernel's.
+    kernel.send(b"".join(json.dumps({"op": "run", "id": f"r{i}", "code": f"{i}"}).encode() + b"\n" for i in range(2)))
+    assert [result_text(kernel.until_done(f"r{i}")) for i in range(2)] == ["0", "1"]
+
+
+def test_a_kernel_that_ends_mid_run_still_sends_done() -> None:
+    k = Kernel([node(), "-e", KERNEL.read_text()])
+    run_id = k.start("await new Promise(() => {})")
+    assert k.proc.stdin is not None
+    k.proc.stdin.close()  # nothing left to wait for: node exits with the cell unfinished
+    error, done = k.until_done(run_id)
+    assert (error["name"], error["exit_code"], done["type"]) == ("Exit", 0, "done")
+    assert k.proc.wait(timeout=WAIT) == 0
 
 
 def test_require_resolves_from_the_working_directory(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@
   const util = require('util');
   const vm = require('vm');
   const fs = require('fs');
-  const { Writable } = require('stream');
+  const { Readable, Writable } = require('stream');
   const { StringDecoder } = require('string_decoder');
 
   const FRAME = '\x1e\x1fBOXLITE:';
@@ -129,6 +129,10 @@
   }
 
   function errorMessage(thrown, where) {
+    if (thrown instanceof CellExit) {
+      const { message, status } = thrown;
+      return status ? { type: 'error', name: 'Exit', value: message, traceback: '', exit_code: status } : null;
+    }
     if (util.types.isNativeError(thrown) || thrown instanceof Error) {
       let value = String(thrown.message);
       if (thrown.code === 'ERR_VM_DYNAMIC_IMPORT_CALLBACK_MISSING' || value === 'Invalid host defined options') {
@@ -140,6 +144,21 @@
     const text = typeof thrown === 'string' ? thrown : inspect(thrown);
     return { type: 'error', name: 'Error', value: text, traceback: `Uncaught ${inspect(thrown)}` };
   }
+
+  // process.exit() in a cell ends the cell, not the kernel (as sys.exit() does in Python):
+  // status 0 is a plain end, another one an "Exit" error with that exit_code.
+  class CellExit extends Error {
+    constructor(code) {
+      super(`process.exit(${code === undefined ? '' : code})`);
+      const status = code === undefined ? 0 : Number(code);
+      this.status = Number.isInteger(status) ? status : 1;
+    }
+  }
+  const exitProcess = process.exit;
+  process.exit = function exit(code) {
+    if (!current) return exitProcess.call(process, code);
+    throw new CellExit(code);
+  };
 
   function interrupted() {
     const value = 'execution interrupted by SIGINT';
@@ -338,10 +357,11 @@
     if (current) current.finish(errorMessage(err));
     else send({ type: 'stderr', text: `Uncaught ${inspect(err)}\n` });
   });
-  // process.exit() in a cell still ends the run (the host then sees the kernel gone).
+  // Should the process end during a run anyway (stdin closed and nothing left to wait for but
+  // the cell's promise), the run still gets its done.
   process.on('exit', (code) => {
-    const value = `process.exit(${code}) ended the kernel`;
-    if (current) current.finish({ type: 'error', name: 'Exit', value, traceback: `Exit: ${value}` });
+    const value = `the kernel exited (status ${code}) with the cell still running`;
+    if (current) current.finish({ type: 'error', name: 'Exit', value, traceback: '', exit_code: code });
   });
   process.on('unhandledRejection', (reason) => {
     send({ type: 'stderr', text: `Uncaught (in promise) ${inspect(reason)}\n` });
@@ -349,7 +369,12 @@
 
   const decoder = new StringDecoder('utf8');
   let pending = '';
-  process.stdin.on('data', (chunk) => {
+  // Requests come on the real stdin; cells see an empty one (as /dev/null), so that reading
+  // process.stdin in a cell cannot swallow the next requests.
+  const requests = process.stdin;
+  const emptyStdin = Readable.from([]);
+  Object.defineProperty(process, 'stdin', { configurable: true, enumerable: true, get: () => emptyStdin });
+  requests.on('data', (chunk) => {
     pending += decoder.write(chunk);
     let end;
     while ((end = pending.indexOf('\n')) >= 0) {
@@ -358,7 +383,7 @@
       receive(line);
     }
   });
-  process.stdin.on('end', () => {
+  requests.on('end', () => {
     receive(pending + decoder.end());
     pending = '';
     stdinEnded = true;
