@@ -73,6 +73,8 @@ def codebox(shared_runtime: boxlite.Boxlite) -> Iterator[SyncCodeBox]:
 def test_agent_reaches_a_final_answer_computed_in_the_vm(codebox: SyncCodeBox) -> None:
     kernel = codebox.exec("uname", "-r").stdout.strip()
     assert kernel and kernel != platform.release()  # the guest's kernel, not the host's
+    # No numpy in the box (nor a network to fetch it): the final-answer tool works without it.
+    assert codebox.exec("python3", "-c", "import numpy").exit_code == 1
 
     def fail(prompt: str) -> str:
         assert f"kernel {kernel}" in prompt  # the first step's output came back to the model
@@ -124,7 +126,7 @@ def test_executor_with_a_box_of_its_own(shared_runtime: boxlite.Boxlite) -> None
         # Importable already: nothing to pip install.
         assert executor.installed_packages == ["collections", "json"]
         out = executor("x = 21\nprint('doubling')\nx * 2")
-        assert (out.output, out.logs, out.is_final_answer) == ("42", "doubling", False)
+        assert (out.output, out.logs, out.is_final_answer) == ("42", "doubling\n", False)
         image = executor(
             f"import base64\nclass Pixel:\n    def _repr_png_(self): return base64.b64decode({PIXEL!r})\nPixel()"
         ).output

@@ -14,14 +14,17 @@ sync API's loop, so this works inside a running event loop too. Needs ``pip inst
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
-from typing import Any
+from typing import Any, cast
 
 import PIL.Image
+from smolagents.default_tools import FinalAnswerTool
 from smolagents.local_python_executor import CodeOutput
 from smolagents.monitoring import AgentLogger, LogLevel
 from smolagents.remote_executors import RemotePythonExecutor
+from smolagents.tools import Tool, get_tools_definition_code
 from smolagents.utils import AgentError
 
 from .. import CodeContext, CodeExecution
@@ -40,6 +43,7 @@ _PIP_NAMES = {
     "cv2": "opencv-python",
     "yaml": "pyyaml",
 }
+_IMPORT_NAMES = {package: module for module, package in _PIP_NAMES.items()}
 
 
 class BoxliteExecutor(RemotePythonExecutor):
@@ -53,7 +57,7 @@ class BoxliteExecutor(RemotePythonExecutor):
         logger: AgentLogger | None = None,
         codebox: CodeBox | SyncCodeBox | None = None,
         *,
-        context: CodeContext | None = None,
+        context: CodeContext | str | None = None,
         timeout: float | None = None,
         allow_pickle: bool = False,
         **codebox_options: Any,
@@ -75,7 +79,7 @@ class BoxliteExecutor(RemotePythonExecutor):
         self.timeout = timeout
         try:
             _run(self.codebox.start())
-            self.installed_packages = self.install_packages(self.additional_imports)
+            self.installed_packages = self._install(self.additional_imports)
         except BaseException:
             self.cleanup()
             raise
@@ -83,26 +87,61 @@ class BoxliteExecutor(RemotePythonExecutor):
 
     def run_code_raise_errors(self, code: str) -> CodeOutput:
         execution: CodeExecution = _run(self.codebox.run_code(code, context=self.context, timeout=self.timeout))
-        logs = "\n".join(text.rstrip("\n") for text in (execution.stdout, execution.stderr) if text)
+        logs = _joined(execution.stdout, execution.stderr)
         error = execution.error
         if error is not None and error.name == self.FINAL_ANSWER_EXCEPTION:
             answer = self._deserialize_final_answer(error.value, self.allow_pickle)
             return CodeOutput(output=answer, logs=logs, is_final_answer=True)
         if execution.timed_out:
-            raise AgentError(f"{logs}\nThe code ran longer than {self.timeout} s and was stopped.", self.logger)
+            lost = " Its interpreter was restarted: earlier variables are gone." if execution.context_restarted else ""
+            raise AgentError(f"{logs}The code ran longer than {self.timeout} s and was stopped.{lost}", self.logger)
         if error is not None:
-            raise AgentError(f"{logs}\nThe code raised {error.name}: {error.value}\n{error.traceback}", self.logger)
+            raise AgentError(f"{logs}The code raised {error.name}: {error.value}\n{error.traceback}", self.logger)
         return CodeOutput(output=_main_value(execution), logs=logs, is_final_answer=False)
 
+    def send_tools(self, tools: dict[str, Tool]) -> None:
+        """Defines the agent's tools in the box's interpreter (from their source, as every
+        remote executor does), after installing what they require."""
+        if "final_answer" in tools:
+            self._patch_final_answer_with_exception(cast(FinalAnswerTool, tools["final_answer"]))
+        # The final-answer tool's requirements (numpy, PIL) are optional: it imports them
+        # only to describe a value of theirs.
+        wanted = {
+            package
+            for name, tool in tools.items()
+            if name != "final_answer"
+            for package in tool.to_dict()["requirements"]
+        }
+        wanted -= {"smolagents", *self.installed_packages}
+        if wanted:
+            self.installed_packages += self.install_packages(sorted(wanted))
+        code = get_tools_definition_code(tools)
+        logs = self.run_code_raise_errors(_tolerate_missing_imports(code)).logs if code else ""
+        if logs:
+            self.logger.log(logs)
+
     def install_packages(self, additional_imports: list[str]) -> list[str]:
-        """``pip install``s the packages of those imports the box's Python cannot import yet;
-        returns the import names (all importable now). ``ExecError`` if pip fails."""
+        """Installs what the tools import. Those the box lacks are ``pip install``ed if
+        possible; a failure is only logged: a tool that does need one fails with an
+        ``ImportError`` the model sees. Returns the names, so they are not tried again."""
+        try:
+            return self._install(additional_imports)
+        except ExecError as error:
+            self.logger.log(
+                f"could not install {' '.join(additional_imports)} in the box: {error}", level=LogLevel.INFO
+            )
+            return list(additional_imports)
+
+    def _install(self, imports: list[str]) -> list[str]:
+        """``pip install``s what the box's Python cannot import of ``imports`` (import or pip
+        names); ``ExecError`` if pip fails."""
         # "*" and "pkg.*" are smolagents' import patterns, not packages.
-        roots = sorted({name.split(".")[0] for name in additional_imports if name.split(".")[0] not in ("", "*")})
+        roots = sorted({name.split(".")[0] for name in imports if name.split(".")[0] not in ("", "*")})
         if not roots:
             return []
-        probe = f"import importlib.util as u\nprint(' '.join(n for n in {roots!r} if u.find_spec(n) is None))"
-        missing = _run(self.codebox.exec("python3", "-c", probe, timeout=self.timeout))
+        modules = {_IMPORT_NAMES.get(root, root): root for root in roots}
+        probe = f"import importlib.util as u\nprint(' '.join(n for n in {sorted(modules)!r} if u.find_spec(n) is None))"
+        missing = _run(self.codebox.exec("python3", "-c", probe))
         _check(missing, "python3 -c <import probe>")
         packages = [_PIP_NAMES.get(name, name) for name in missing.stdout.split()]
         if packages:
@@ -123,6 +162,30 @@ class BoxliteExecutor(RemotePythonExecutor):
 def _check(result: ExecResult, command: str) -> None:
     if result.exit_code != 0:
         raise ExecError(command, result.exit_code, result.stderr, stdout=result.stdout)
+
+
+def _joined(*texts: str) -> str:
+    """The texts, each ending with a newline (smolagents appends to the logs as they are)."""
+    return "".join(text if text.endswith("\n") else text + "\n" for text in texts if text)
+
+
+def _tolerate_missing_imports(code: str) -> str:
+    """``code`` with each top-level import made optional. smolagents copies every import of
+    the tools' methods to the top of their definitions, so one optional package the box
+    lacks would stop all of them; the methods import what they use themselves."""
+    tree = ast.parse(code)
+    tree.body = [
+        ast.Try(
+            body=[node],
+            handlers=[ast.ExceptHandler(type=ast.Name("ImportError", ast.Load()), name=None, body=[ast.Pass()])],
+            orelse=[],
+            finalbody=[],
+        )
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        else node
+        for node in tree.body
+    ]
+    return ast.unparse(ast.fix_missing_locations(tree))
 
 
 def _main_value(execution: CodeExecution) -> Any:
