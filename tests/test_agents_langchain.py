@@ -142,13 +142,14 @@ def test_failures_reach_the_model_as_text(codebox: SyncCodeBox) -> None:
             call("run_shell", command="echo out; echo err >&2; exit 3"),
             call("read_file", path="/no/such/file"),
             call("run_python", code="import time\nwhile True: time.sleep(0.1)"),
+            call("run_shell", command="sleep 60"),
             lambda messages: AIMessage(content="done"),
         ]
     )
-    tools = boxlite_tools(codebox, timeout=3)
+    tools = boxlite_tools(codebox, timeout=5)
     tool_messages = [m for m in run_agent(model, tools, "fail") if isinstance(m, ToolMessage)]
 
-    code_error, shell, missing, endless = tool_messages
+    code_error, shell, missing, endless, sleepy = tool_messages
     assert code_error.status == "success"  # an exception in the code is the code's output
     assert str(code_error.content).startswith("before\n")
     assert "ZeroDivisionError: division by zero" in str(code_error.content)
@@ -156,8 +157,10 @@ def test_failures_reach_the_model_as_text(codebox: SyncCodeBox) -> None:
     assert shell.content == "exit code 3\nout\nstderr:\nerr"
     assert missing.status == "error"  # the box failed: a ToolException, shown to the model
     assert "/no/such/file: No such file or directory" in str(missing.content)
-    assert "timed out after 3" in str(endless.content)
+    assert "timed out after 5" in str(endless.content)  # the code ran past its time: output
     assert endless.artifact["timed_out"] is True
+    assert sleepy.status == "error"  # the command was killed: the box's failure
+    assert "timed out after 5s" in str(sleepy.content)
     # The interpreter survived the interrupted run.
     assert tools[0].invoke({"code": "6 * 7"}) == "result: 42"
 
