@@ -5,7 +5,9 @@ what the tools did is checked in the VM."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import platform
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -176,7 +178,7 @@ async def test_async_loop_with_an_async_codebox(shared_runtime: boxlite.Boxlite)
     async with boxlite.CodeBox(rootfs_path=python_layout(), runtime=shared_runtime, cpus=1, memory_mib=512) as codebox:
         model = ScriptedChatModel(
             turns=[
-                call("run_python", code="total = sum(range(10))\nprint('total is', total)"),
+                call("run_python", code="total = sum(range(10))\nprint('total is', total)\ndisplay({'total': total})"),
                 # Two calls in one turn, run concurrently by the loop.
                 lambda messages: AIMessage(
                     content="",
@@ -191,12 +193,23 @@ async def test_async_loop_with_an_async_codebox(shared_runtime: boxlite.Boxlite)
         )
         messages = await arun_agent(model, boxlite_tools(codebox), "add up")
         tool_messages = [m for m in messages if isinstance(m, ToolMessage)]
-        assert tool_messages[0].content == "total is 45"
+        assert tool_messages[0].content == "total is 45\ndisplay: {'total': 45}"
         assert {(m.tool_call_id, m.content) for m in tool_messages[1:3]} == {
             ("a", "result: 90"),
             ("b", "wrote 2 bytes to /tmp/answer"),
         }
         assert messages[-1].content == "exit code 0\n45"
         assert await codebox.read_file("/tmp/answer") == b"45"
+        # A rich result: the model reads its text and formats, the artifact has the image.
+        pixel = await boxlite_tools(codebox)[0].ainvoke(
+            {
+                "name": "run_python",
+                "args": {"code": "class Pixel:\n    def _repr_png_(self): return b'PNG bytes'\nPixel()"},
+                "id": "p",
+                "type": "tool_call",
+            }
+        )
+        assert re.fullmatch(r"result: <__main__\.Pixel object at 0x[0-9a-f]+> \[png\]", pixel.content)
+        assert pixel.artifact["results"][0]["data"]["image/png"] == base64.b64encode(b"PNG bytes").decode()
         # A blocking invoke of the same async box works too (from a worker thread here).
         assert await asyncio.to_thread(boxlite_tools(codebox)[0].invoke, {"code": "total"}) == "result: 45"

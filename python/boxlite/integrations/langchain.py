@@ -109,12 +109,14 @@ class BoxlitePythonTool(_BoxTool):
         if execution.stderr:
             parts.append("stderr:\n" + execution.stderr.rstrip("\n"))
         for result in execution.results:
-            if result.is_main_result and result.text is not None:
-                parts.append(f"result: {result.text}")
-            else:
-                parts.append(f"display: {', '.join(result.formats())}")
+            # Rich formats (images, html...) go to the artifact; the model reads their names.
+            shown = result.text or ""
+            rich = [name for name in result.formats() if name != "text"]
+            if rich:
+                shown += f" [{', '.join(rich)}]"
+            parts.append(f"{'result' if result.is_main_result else 'display'}: {shown.strip()}")
         if execution.timed_out:
-            parts.append(f"timed out after {self.timeout} s")
+            parts.append(f"timed out after {self.timeout:g} s" if self.timeout is not None else "timed out")
         if execution.context_restarted:
             parts.append("the interpreter was restarted: earlier variables and imports are gone")
         if execution.error is not None:
