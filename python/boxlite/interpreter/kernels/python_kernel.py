@@ -4,7 +4,6 @@
 # protocol of docs/interpreter.md on its original stdout. Runs on the image's own python3
 # (3.8 or newer) with the standard library only.
 import ast
-import asyncio
 import base64
 import builtins
 import codecs
@@ -180,7 +179,7 @@ class Kernel:
         self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": display}
         self.count = 0
         self.in_cell = False
-        self.loop = asyncio.new_event_loop()
+        self.loop = None  # made on the first cell that awaits (asyncio is slow to import)
         self.forwarders = [Forwarder(1, "stdout"), Forwarder(2, "stderr")]
         for forwarder in self.forwarders:
             forwarder.start()
@@ -272,6 +271,10 @@ class Kernel:
     def evaluate(self, code):
         result = eval(code, self.namespace)
         if code.co_flags & 0x80:  # CO_COROUTINE: the cell used top-level await
+            if self.loop is None:
+                import asyncio
+
+                self.loop = asyncio.new_event_loop()
             result = self.loop.run_until_complete(result)
         return result
 
