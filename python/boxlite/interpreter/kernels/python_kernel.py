@@ -7,6 +7,7 @@ import ast
 import base64
 import builtins
 import codecs
+import importlib
 import json
 import linecache
 import os
@@ -216,6 +217,8 @@ class Kernel:
                 self.run(str(request.get("id")), str(request.get("code", "")))
 
     def run(self, run_id, code):
+        # Packages installed since the last cell (pip in another process) must be importable.
+        importlib.invalidate_caches()
         self.count += 1
         filename = "<cell-%d>" % self.count
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
