@@ -1,3 +1,1 @@
-"""Adapters that put boxes behind other frameworks' interfaces. Each needs its own extra
-(``pip install 'boxlite[NAME]'``) and is imported only when used: ``import boxlite`` loads
-none of them."""
+"""Adapters that hand a box to agent frameworks; each is its own module, imported on demand."""
