@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import signal
@@ -20,11 +21,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult, ImageContent, TextContent
 
+from boxlite import cli
+from boxlite._runtime import PACKAGE_GUEST_DIR
 from conftest import REPO, assert_no_engines, engine_pids, pid_alive
 from testkit.images import python_layout
 
@@ -44,7 +48,7 @@ def server_args(home: Path, *extra: str) -> list[str]:
 
 
 def server_pids(home: Path) -> list[int]:
-    """Live `boxlite mcp` processes of `home`."""
+    """Live boxlite processes of `home`: the server and its boxes' supervisors."""
     return [pid for pid in engine_pids(str(home), "boxlite") if pid_alive(pid) and pid != os.getpid()]
 
 
@@ -71,6 +75,12 @@ def error_text(result: CallToolResult) -> str:
     return result.content[0].text
 
 
+def guest_kernel_release() -> str:
+    manifest = json.loads((PACKAGE_GUEST_DIR / "manifest.json").read_text())
+    release: str = manifest["kernel"]["release"]
+    return release
+
+
 def tiny_png() -> bytes:
     """A valid 1x1 PNG, made without any imaging library."""
 
@@ -90,21 +100,16 @@ def test_import_boxlite_loads_no_adapter() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=server_env())
 
 
-def test_bad_options_are_refused_before_serving(tmp_path: Path) -> None:
-    for extra, message in (
-        (["--port", "70000"], "invalid --port 70000"),
-        (["--timeout", "0"], "invalid --timeout"),
-        (["--max-boxes", "0"], "max_boxes must be at least 1"),
+def test_bad_options_are_refused_before_serving(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for extra, code, message in (
+        (["--port", "70000"], 2, "invalid --port 70000"),
+        (["--timeout", "0"], 2, "invalid --timeout"),
+        (["--max-boxes", "0"], 125, "max_boxes must be at least 1"),
     ):
-        out = subprocess.run(
-            [sys.executable, *server_args(tmp_path / "home", "--transport", "http", *extra)],
-            env=server_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert out.returncode != 0 and message in out.stderr, out.stderr
+        argv = server_args(tmp_path / "home", "--transport", "http", *extra)[2:]  # without `-m boxlite`
+        assert cli.main(argv) == code
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # refused before a runtime was opened
 
 
 def test_sigint_stops_an_idle_server(tmp_path: Path) -> None:
@@ -221,7 +226,7 @@ async def test_tools_are_listed_with_schemas(client: Client) -> None:
 async def test_exec_runs_in_the_vm(client: Client) -> None:
     out = structured(await client.call_tool("exec", {"command": "uname", "args": ["-r"]}))
     assert out["exit_code"] == 0
-    assert out["stdout"].strip() and out["stdout"].strip() != os.uname().release  # the guest's own kernel
+    assert out["stdout"].strip() == guest_kernel_release()  # the box's own kernel, not the host's
     script = "echo $GREETING from $(pwd); echo oops >&2; exit 3"
     out = structured(
         await client.call_tool(
@@ -321,6 +326,16 @@ async def test_a_pool_of_boxes(client: Client) -> None:
     boxes = structured(await client.call_tool("list_boxes"))["boxes"]
     assert [b["is_default"] for b in boxes] == [True]
     assert "no box 'second'" in error_text(await client.call_tool("exec", {"command": "true", "box_id": "second"}))
+
+
+def test_http_refuses_other_sites(http_server: HttpServer) -> None:
+    """On loopback the server turns away requests that name another site (DNS rebinding)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with httpx.Client(timeout=30) as http:
+        assert http.post(http_server.url, json=body, headers={**headers, "Host": "evil.example"}).status_code == 421
+        origin = {**headers, "Origin": "http://evil.example"}
+        assert http.post(http_server.url, json=body, headers=origin).status_code == 403
 
 
 @shared_loop
