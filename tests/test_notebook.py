@@ -89,7 +89,7 @@ def stdout_of(notebook: Any, cell_id: str) -> str:
 
 
 def result_data(notebook: Any, cell_id: str) -> dict[str, Any]:
-    (result,) = [o for o in outputs(notebook, cell_id) if o.output_type == "execute_result"]
+    (result,) = [o for o in outputs(notebook, cell_id) if o.output_type in ("execute_result", "display_data")]
     return dict(result.data)
 
 
@@ -123,6 +123,13 @@ def test_notebook_runs_in_a_jupyter_kernel(tmp_path: Path, home: Path) -> None:
     width, height, rows = png_pixels(base64.b64decode(picture["image/png"]))
     assert (width, height) == (16, 16)
     assert (rows[0][:3], rows[15][-3:]) == (bytes([0, 0, 160]), bytes([255, 255, 160]))
+
+    # A CodeExecution as the value shows its stdout and each of its results.
+    shown = outputs(notebook, "many")
+    assert stdout_of(notebook, "many") == "two pictures\n"
+    pictures = [o.data for o in shown if o.output_type == "display_data"]
+    assert [p["text/plain"] for p in pictures] == ["Gradient(8x8)", "Gradient(4x4)"]
+    assert [png_pixels(base64.b64decode(p["image/png"]))[:2] for p in pictures] == [(8, 8), (4, 4)]
 
     table = result_data(notebook, "html")["text/html"]
     assert table.startswith("<table><tr><th>radius</th><th>area</th></tr>")
