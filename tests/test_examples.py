@@ -64,6 +64,12 @@ EXPECTED = {
     ],
     "agents_smolagents.py": ["the box runs Linux ", "answer: 45, computed on Linux "],
     "many_boxes.py": ["box 0 1", "box 1 1", "box 2 1", "boxes created: 3, commands run: 3"],
+    "mcp_client.py": [
+        "tools: create_box, exec, list_boxes, list_files, read_file, remove_box, run_code, write_file",
+        "exec: Linux",
+        "run_code: 285",
+        "tool error: True",
+    ],
 }
 
 

@@ -204,6 +204,7 @@ class CodeBox(SimpleBox):
         ``"python"`` (default), ``"bash"``, ``"sh"`` or ``"node"``. Callbacks (plain or async
         functions) get output chunks, results and the error as they arrive. Past ``timeout``
         seconds the run is interrupted (and its interpreter restarted if that fails)."""
+        await self.start()
         stream = self.stream_code(code, language=language, context=context, timeout=timeout)
         return await run_with_callbacks(stream, on_stdout, on_stderr, on_result, on_error)
 

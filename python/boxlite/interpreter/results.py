@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -93,7 +94,11 @@ class CodeResult:
 
     # Jupyter shows a result by the richest of these it supports.
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return dict(self.data)
+        return {
+            mime: value
+            for mime, value in self.data.items()
+            if (include is None or mime in include) and (exclude is None or mime not in exclude)
+        }
 
     def _repr_html_(self) -> str | None:
         return self.html
@@ -211,10 +216,24 @@ class CodeExecution:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    def _ipython_display_(self) -> None:
+        """In a notebook, a run shows everything it produced: its output, each rich result
+        (images, tables) in order, and its error."""
+        from IPython.display import display
+
+        if self.stdout:
+            sys.stdout.write(self.stdout)
+        if self.stderr:
+            sys.stderr.write(self.stderr)
+        for result in self.results:
+            display(result)  # type: ignore[no-untyped-call]
+        if self.error is not None:
+            sys.stderr.write(str(self.error))
+
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        # In a notebook, a run shows as its main result (or its output and error as text).
+        # Front ends without `_ipython_display_` get the main result, or the text of the run.
         for result in self.results:
             if result.is_main_result:
-                return dict(result.data)
+                return result._repr_mimebundle_(include, exclude)
         text = self.stdout + self.stderr + (str(self.error) if self.error else "")
         return {"text/plain": text}

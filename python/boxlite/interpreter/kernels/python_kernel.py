@@ -4,10 +4,10 @@
 # protocol of docs/interpreter.md on its original stdout. Runs on the image's own python3
 # (3.8 or newer) with the standard library only.
 import ast
-import asyncio
 import base64
 import builtins
 import codecs
+import importlib
 import json
 import linecache
 import os
@@ -180,7 +180,7 @@ class Kernel:
         self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": display}
         self.count = 0
         self.in_cell = False
-        self.loop = asyncio.new_event_loop()
+        self.loop = None  # made on the first cell that awaits (asyncio is slow to import)
         self.forwarders = [Forwarder(1, "stdout"), Forwarder(2, "stderr")]
         for forwarder in self.forwarders:
             forwarder.start()
@@ -217,6 +217,8 @@ class Kernel:
                 self.run(str(request.get("id")), str(request.get("code", "")))
 
     def run(self, run_id, code):
+        # Packages installed since the last cell (pip in another process) must be importable.
+        importlib.invalidate_caches()
         self.count += 1
         filename = "<cell-%d>" % self.count
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
@@ -272,6 +274,10 @@ class Kernel:
     def evaluate(self, code):
         result = eval(code, self.namespace)
         if code.co_flags & 0x80:  # CO_COROUTINE: the cell used top-level await
+            if self.loop is None:
+                import asyncio
+
+                self.loop = asyncio.new_event_loop()
             result = self.loop.run_until_complete(result)
         return result
 
