@@ -52,6 +52,12 @@ EXPECTED = {
         "exit code: 0",
     ],
     "many_boxes.py": ["box 0 1", "box 1 1", "box 2 1", "boxes created: 3, commands run: 3"],
+    "agents_openai.py": [
+        "Created hello.py",
+        "Process exited with code 0",
+        "285 computed on Linux",
+        "final answer: hello.py ran in the box and printed 285.",
+    ],
 }
 
 
