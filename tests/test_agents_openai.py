@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from agents.sandbox.errors import (
     ExecTimeoutError,
     ExecTransportError,
     InvalidManifestPathError,
+    WorkspaceArchiveWriteError,
     WorkspaceReadNotFoundError,
 )
 from agents.sandbox.manifest import Environment
@@ -263,6 +265,8 @@ async def test_snapshot_restores_the_workspace_into_a_new_box(runtime: boxlite.B
         )
         await session.start()
         await session.write(Path("src/main.py"), io.BytesIO(b"print('kept')\n"))
+        await session.write(Path("cache/blob"), io.BytesIO(b"left out"))
+        session.register_persist_workspace_skip_path("cache")
         assert (await session.exec("mkdir -p /opt/tool && echo installed > /opt/tool/marker")).exit_code == 0
         first_box = session.state.box_id
         await session.aclose()  # snapshot, then stop: the box is deleted with its stop
@@ -277,6 +281,7 @@ async def test_snapshot_restores_the_workspace_into_a_new_box(runtime: boxlite.B
         box = await only_box(runtime)
         assert box.id != first_box
         assert await box.read_file("/workspace/src/main.py") == b"print('kept')\n"
+        assert await box.list_dir("/workspace") == ["src"]  # the skipped path is not in the snapshot
         # Only the workspace is in the snapshot.
         assert (await resumed.exec("test -e /opt/tool/marker")).exit_code == 1
         result = await resumed.exec("python3 src/main.py")
@@ -309,6 +314,16 @@ async def test_keep_box_resumes_the_same_box(runtime: boxlite.Boxlite) -> None:
             await resumed.read(Path("leak"))
         with pytest.raises(ExecTimeoutError):
             await resumed.exec("sleep 30", timeout=1)
+        # An archive that would write outside the workspace is refused before it reaches the box.
+        evil = io.BytesIO()
+        with tarfile.open(fileobj=evil, mode="w") as tar:
+            member = tarfile.TarInfo("../escaped")
+            member.size = 3
+            tar.addfile(member, io.BytesIO(b"bad"))
+        evil.seek(0)
+        with pytest.raises(WorkspaceArchiveWriteError):
+            await resumed.hydrate_workspace(evil)
+        assert (await resumed.exec("test -e /escaped")).exit_code == 1
         # Another user, started so by boxlite (the image has no sudo).
         assert (await resumed.exec("id -un", user="nobody")).stdout == b"nobody\n"
         assert (await resumed.read(Path("notes.txt"), user=User(name="nobody"))).read() == b"work\n"
