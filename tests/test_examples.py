@@ -70,6 +70,12 @@ EXPECTED = {
         "run_code: 285",
         "tool error: True",
     ],
+    "agents_openai.py": [
+        "Created hello.py",
+        "Process exited with code 0",
+        "285 computed on Linux",
+        "final answer: hello.py ran in the box and printed 285.",
+    ],
 }
 
 
