@@ -105,7 +105,7 @@ async def test_output_streams_while_the_code_runs(codebox: boxlite.CodeBox) -> N
 async def test_contexts_are_separate_interpreters(codebox: boxlite.CodeBox) -> None:
     one = await codebox.create_context()
     two = await codebox.create_context(cwd="/tmp", env={"WHO": "two"})
-    await codebox.run_code("name = 'one'", context=one)
+    await codebox.run("name = 'one'", context=one)
     assert (
         await codebox.run_code("import os\n(os.getcwd(), os.environ['WHO'])", context=two)
     ).text == "('/tmp', 'two')"

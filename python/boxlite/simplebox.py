@@ -171,12 +171,12 @@ class CodeBox(SimpleBox):
         super().__init__(image, memory_mib=memory_mib, cpus=cpus, runtime=runtime, **kwargs)
         self._interpreter = Interpreter(lambda: self.box)
 
-    async def run(self, code: str, timeout: float | None = None) -> str:
-        """Runs ``code`` in the box's default Python context (state is kept between runs) and
-        returns its stdout. Raises ``ExecError`` (exit code, stdout, and stderr with the
+    async def run(self, code: str, timeout: float | None = None, *, context: CodeContext | str | None = None) -> str:
+        """Runs ``code`` in the box's default Python context, or in ``context`` (state is kept
+        between runs), and returns its stdout. Raises ``ExecError`` (exit code, stdout, and stderr with the
         traceback) if it raises, and ``ExecTimeoutError`` if it runs past ``timeout`` seconds
         (it is interrupted). ``run_code`` is the rich form."""
-        execution = await self.run_code(code, timeout=timeout)
+        execution = await self.run_code(code, timeout=timeout, context=context)
         if execution.timed_out:
             raise ExecTimeoutError(f"the code ran past its timeout of {timeout:g} s and was interrupted")
         error = execution.error

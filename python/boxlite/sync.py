@@ -506,8 +506,8 @@ class SyncCodeBox(SyncSimpleBox):
     def _make(image: str | None, *args: Any, **kwargs: Any) -> SimpleBox:
         return CodeBox(image, *args, **kwargs)
 
-    def run(self, code: str, timeout: float | None = None) -> str:
-        return _run(self._inner.run(code, timeout=timeout))
+    def run(self, code: str, timeout: float | None = None, *, context: CodeContext | str | None = None) -> str:
+        return _run(self._inner.run(code, timeout=timeout, context=context))
 
     def run_code(
         self,
