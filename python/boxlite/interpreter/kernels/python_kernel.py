@@ -175,6 +175,17 @@ def show_figures():
     pyplot.close("all")
 
 
+def add_new_site_dirs():
+    import site
+
+    folders = list(getattr(site, "getsitepackages", lambda: [])())
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    for folder in folders:
+        if folder not in sys.path and os.path.isdir(folder):
+            site.addsitedir(folder)
+
+
 class Kernel:
     def __init__(self):
         self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": display}
@@ -217,8 +228,10 @@ class Kernel:
                 self.run(str(request.get("id")), str(request.get("code", "")))
 
     def run(self, run_id, code):
-        # Packages installed since the last cell (pip in another process) must be importable.
+        # Packages installed since the last cell (pip in another process) must be importable,
+        # also from a site-packages folder that pip has only just made.
         importlib.invalidate_caches()
+        add_new_site_dirs()
         self.count += 1
         filename = "<cell-%d>" % self.count
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
