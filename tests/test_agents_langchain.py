@@ -8,7 +8,7 @@ import asyncio
 import base64
 import platform
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -93,9 +93,8 @@ async def arun_agent(model: ScriptedChatModel, tools: list[BaseTool], task: str)
 
 
 @pytest.fixture(scope="module")
-def codebox(shared_runtime: boxlite.Boxlite) -> Iterator[SyncCodeBox]:
-    with SyncCodeBox(rootfs_path=python_layout(), runtime=shared_runtime, cpus=1, memory_mib=512) as box:
-        yield box
+def codebox(sync_codebox: SyncCodeBox) -> SyncCodeBox:
+    return sync_codebox
 
 
 def test_sync_loop_does_its_work_in_the_vm(codebox: SyncCodeBox) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -65,9 +65,8 @@ def shout(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def codebox(shared_runtime: boxlite.Boxlite) -> Iterator[SyncCodeBox]:
-    with SyncCodeBox(rootfs_path=python_layout(), runtime=shared_runtime, cpus=1, memory_mib=512) as box:
-        yield box
+def codebox(sync_codebox: SyncCodeBox) -> SyncCodeBox:
+    return sync_codebox
 
 
 def test_agent_reaches_a_final_answer_computed_in_the_vm(codebox: SyncCodeBox) -> None:
