@@ -288,6 +288,52 @@ async def fig_warm_exec(ctx: Ctx) -> list[Figure]:
     return [fig]
 
 
+async def fig_interpreter(ctx: Ctx) -> list[Figure]:
+    fig = Figure("interpreter", "Code run round trip: `x = 1` in a warm context vs `python3 -c` per run")
+    n = ctx.runs(100, 10)
+    home = ctx.new_home("interpreter")
+    rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=home))
+    codebox = boxlite.CodeBox(rootfs_path=built_images() / "python", runtime=rt, cpus=1, memory_mib=256)
+    await codebox.start()
+    try:
+        first_ms = (await timed(codebox.run("x = 1")))[1]  # starts the default context
+        for _ in range(5):
+            await codebox.run("x = 1")
+            await codebox.exec("python3", "-c", "x = 1")
+        run_ms: list[float] = []
+        exec_ms: list[float] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await codebox.run("x = 1")
+            t1 = time.perf_counter()
+            result = await codebox.exec("python3", "-c", "x = 1")
+            t2 = time.perf_counter()
+            if result.exit_code != 0:
+                raise RuntimeError(f"python3 -c exited {result.exit_code}: {result.stderr}")
+            run_ms.append((t1 - t0) * 1000)
+            exec_ms.append((t2 - t1) * 1000)
+        rich_ms = [(await timed(codebox.run_code("x + 1")))[1] for _ in range(n)]
+    finally:
+        await codebox.stop()
+        rt.close()
+    fig.add("run_warm_context_ms", run_ms, "ms", p99=True)
+    fig.add("exec_python3_c_ms", exec_ms, "ms", p99=True)
+    fig.add("run_code_last_value_ms", rich_ms, "ms", p99=True)
+    fig.add("first_run_starts_context_ms", [first_ms], "ms")
+    fig.ratios.append(
+        Ratio(
+            "run('x = 1') p50 in a warm context / exec('python3', '-c', 'x = 1') p50",
+            ratio(fig.median("run_warm_context_ms"), fig.median("exec_python3_c_ms")),
+            0.1,
+        )
+    )
+    fig.notes.append(
+        "the python:slim stand-in, 1 vCPU, 256 MiB; run_code_last_value returns the value of `x + 1` as a "
+        "rich result; first_run_starts_context is the first run, which starts the interpreter"
+    )
+    return [fig]
+
+
 GUEST_HOPS = (
     ("clone", "child_started_us"),
     ("enter_box_and_confine", "execve_called_us"),
@@ -1105,4 +1151,5 @@ FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "templates": fig_templates,
     "volumes": fig_volumes,
     "disk_ops": fig_disk_ops,
+    "interpreter": fig_interpreter,
 }

@@ -124,6 +124,15 @@ def shared_box(shared_runtime: boxlite.Boxlite, image_layout: Path) -> Iterator[
     asyncio.run(box.stop())
 
 
+@pytest.fixture(scope="module")
+def sync_codebox(shared_runtime: boxlite.Boxlite) -> Iterator[boxlite.SyncCodeBox]:
+    """A running python:slim stand-in for the tests of a module, through the sync API."""
+    from testkit.images import python_layout
+
+    with boxlite.SyncCodeBox(rootfs_path=python_layout(), runtime=shared_runtime, cpus=1, memory_mib=512) as box:
+        yield box
+
+
 async def run(box: boxlite.Box, *argv: str, **kwargs: object) -> boxlite.ExecResult:
     """Runs argv in the box and waits for it."""
     execution = await box.exec(argv[0], list(argv[1:]), **kwargs)  # type: ignore[arg-type]

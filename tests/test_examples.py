@@ -51,7 +51,31 @@ EXPECTED = {
         "streamed: two",
         "exit code: 0",
     ],
+    "agents_langchain.py": [
+        "run_python -> result: [1, 2, 3]",
+        "run_python -> sum times seven: 42",
+        "run_shell -> exit code 0\nhello from Linux",
+        "write_file -> wrote 15 bytes to /tmp/notes.txt",
+        "list_files -> ",
+        "notes.txt",
+        "read_file -> kept in the box",
+        "model: All done.",
+        "result: 3",
+    ],
+    "agents_smolagents.py": ["the box runs Linux ", "answer: 45, computed on Linux "],
     "many_boxes.py": ["box 0 1", "box 1 1", "box 2 1", "boxes created: 3, commands run: 3"],
+    "mcp_client.py": [
+        "tools: create_box, exec, list_boxes, list_files, read_file, remove_box, run_code, write_file",
+        "exec: Linux",
+        "run_code: 285",
+        "tool error: True",
+    ],
+    "agents_openai.py": [
+        "Created hello.py",
+        "Process exited with code 0",
+        "285 computed on Linux",
+        "final answer: hello.py ran in the box and printed 285.",
+    ],
 }
 
 

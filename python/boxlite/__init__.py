@@ -77,6 +77,7 @@ from .errors import (
     UpstreamUnavailableError,
 )
 from .images import ImageHandle, Images
+from .interpreter import CodeContext, CodeError, CodeExecution, CodeLogs, CodeOutput, CodeResult, CodeStream
 from .simplebox import CodeBox, SimpleBox
 from .sync import SyncBox, SyncBoxlite, SyncCodeBox, SyncExecution, SyncImageHandle, SyncSimpleBox
 
@@ -125,6 +126,13 @@ __all__ = [
     "Execution",
     "SimpleBox",
     "CodeBox",
+    "CodeContext",
+    "CodeError",
+    "CodeExecution",
+    "CodeLogs",
+    "CodeOutput",
+    "CodeResult",
+    "CodeStream",
     "SyncBoxlite",
     "SyncBox",
     "SyncExecution",

@@ -5,6 +5,7 @@
     boxlite exec [-it] BOX CMD...
     boxlite ps [-a] | start BOX... | stop BOX... | rm [-f] BOX...
     boxlite pull IMAGE | images | rmi IMAGE... | cp SRC DEST | info
+    boxlite mcp [--transport stdio|http] [--image IMAGE | --rootfs PATH]: boxes as MCP tools
 
 Boxes made here are detached (they outlive this process, like a Docker container outlives
 ``docker``), so ``start`` and ``exec`` work from later invocations. ``run`` without ``-d``
@@ -284,7 +285,37 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--untrusted", action="store_true", help="refuse archives using host paths or ports")
 
     command("info", "show version, accelerator, isolation, guest bundle and home")
+    mcp_flags(command("mcp", "serve boxes to AI agents over the Model Context Protocol (stdio or HTTP)"))
     return parser
+
+
+def mcp_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="default stdio")
+    p.add_argument("--host", default="127.0.0.1", help="http: address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="http: port (default 8000; 0 picks a free one)")
+    p.add_argument("--path", default="/mcp", help="http: the endpoint's path (default /mcp)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--image", help="image of the boxes (default python:slim)")
+    source.add_argument("--rootfs", metavar="PATH", help="an OCI image layout directory instead of an image")
+    p.add_argument("-m", "--memory", metavar="SIZE", help="memory of each box, e.g. 512MiB (default 1GiB)")
+    p.add_argument("--cpus", type=int, help="virtual CPUs of each box (default 1)")
+    p.add_argument("--max-boxes", type=int, default=4, metavar="N", help="boxes running at once (default 4)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECS",
+        help="limit of a run whose call gives none (default 300)",
+    )
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="set a variable in every box")
+    p.add_argument("--network", choices=["default", "none"], default="default", help="none: boxes have no network")
+    p.add_argument(
+        "--allow-net",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="allow connections only to this host (repeatable)",
+    )
 
 
 # ---------------------------------------------------------------------------- runtime helpers
@@ -780,6 +811,29 @@ async def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_mcp(args: argparse.Namespace) -> int:
+    try:
+        from .integrations.mcp import BoxPool, serve
+    except ModuleNotFoundError as e:
+        raise CliError(f"`{PROG} mcp` needs the {e.name} package: pip install 'boxlite[mcp]'") from e
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"invalid --port {args.port}: use 0 to 65535")
+    if args.timeout <= 0:
+        raise CliError(f"invalid --timeout {args.timeout}: give a positive number of seconds")
+    network = NetworkSpec(mode="disabled") if args.network == "none" else NetworkSpec(allow_net=args.allow_net)
+    pool = BoxPool(
+        home=args.home,
+        image=args.image,
+        rootfs_path=args.rootfs,
+        memory_mib=parse_memory_mib(args.memory) if args.memory else None,
+        cpus=args.cpus,
+        max_boxes=args.max_boxes,
+        box_options={"env": parse_env(args.env), "network": network},
+    )
+    await serve(pool, args.transport, host=args.host, port=args.port, path=args.path, default_timeout=args.timeout)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "run": cmd_run,
     "exec": cmd_exec,
@@ -796,6 +850,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "export": cmd_export,
     "import": cmd_import,
     "info": cmd_info,
+    "mcp": cmd_mcp,
 }
 
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from ._native import BoxInfo, BoxMetrics, BoxOptions, CopyOptions, ExecResult
 from ._runtime import Box, Boxlite, PathLike
-from .errors import ExecError, InvalidStateError
+from .errors import ExecError, ExecTimeoutError, InvalidStateError
+from .interpreter import (
+    CodeContext,
+    CodeError,
+    CodeExecution,
+    CodeResult,
+    CodeStream,
+    Interpreter,
+    run_with_callbacks,
+)
 
 _S = TypeVar("_S", bound="SimpleBox")
 
@@ -160,15 +169,81 @@ class CodeBox(SimpleBox):
         if image is None and kwargs.get("rootfs_path") is None:
             image = CODEBOX_IMAGE
         super().__init__(image, memory_mib=memory_mib, cpus=cpus, runtime=runtime, **kwargs)
+        self._interpreter = Interpreter(lambda: self.box)
 
-    async def run(self, code: str, timeout: float | None = None) -> str:
-        """Runs ``code`` with ``python3 -c``; returns its stdout, raises ``ExecError`` (with
-        the exit code, stdout and stderr) if it fails and ``ExecTimeoutError`` if it runs
-        past ``timeout`` seconds (it is killed)."""
-        result = await self.exec("python3", "-c", code, timeout=timeout)
-        if result.exit_code != 0:
-            raise ExecError("python3 -c", result.exit_code, result.stderr, stdout=result.stdout)
-        return result.stdout
+    async def run(self, code: str, timeout: float | None = None, *, context: CodeContext | str | None = None) -> str:
+        """Runs ``code`` in the box's default Python context, or in ``context`` (state is kept
+        between runs), and returns its stdout. Raises ``ExecError`` (exit code, stdout, and stderr with the
+        traceback) if it raises, and ``ExecTimeoutError`` if it runs past ``timeout`` seconds
+        (it is interrupted). ``run_code`` is the rich form."""
+        execution = await self.run_code(code, timeout=timeout, context=context)
+        if execution.timed_out:
+            raise ExecTimeoutError(f"the code ran past its timeout of {timeout:g} s and was interrupted")
+        error = execution.error
+        if error is not None:
+            stderr = execution.stderr + error.traceback
+            if not error.traceback and error.name != "SystemExit":
+                stderr += f"{error.name}: {error.value}\n"
+            raise ExecError("python3", execution.exit_code or 1, stderr, stdout=execution.stdout)
+        return execution.stdout
+
+    async def run_code(
+        self,
+        code: str,
+        language: str | None = None,
+        context: CodeContext | str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        on_result: Callable[[CodeResult], Any] | None = None,
+        on_error: Callable[[CodeError], Any] | None = None,
+    ) -> CodeExecution:
+        """Runs ``code`` in a context (the language's default one unless ``context`` is given)
+        and returns its ``CodeExecution``: output, rich results, the value of the last
+        expression, and the error it raised (returned, not raised). ``language`` is
+        ``"python"`` (default), ``"bash"``, ``"sh"`` or ``"node"``. Callbacks (plain or async
+        functions) get output chunks, results and the error as they arrive. Past ``timeout``
+        seconds the run is interrupted (and its interpreter restarted if that fails)."""
+        await self.start()
+        stream = self.stream_code(code, language=language, context=context, timeout=timeout)
+        return await run_with_callbacks(stream, on_stdout, on_stderr, on_result, on_error)
+
+    def stream_code(
+        self,
+        code: str,
+        language: str | None = None,
+        context: CodeContext | str | None = None,
+        timeout: float | None = None,
+    ) -> CodeStream:
+        """Like ``run_code``, as an async iterator of ``CodeOutput`` and ``CodeResult`` items;
+        ``stream.execution`` is the ``CodeExecution`` once it is exhausted."""
+        return self._interpreter.stream(code, language=language, context=context, timeout=timeout)
+
+    async def create_context(
+        self, language: str = "python", cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> CodeContext:
+        """Starts a new context: its own interpreter process, with its own state."""
+        await self.start()
+        return await self._interpreter.create_context(language, cwd=cwd, env=env)
+
+    async def list_contexts(self) -> list[CodeContext]:
+        return self._interpreter.list_contexts()
+
+    async def restart_context(self, context: CodeContext | str) -> None:
+        """Starts the context's interpreter afresh (its state is lost)."""
+        await self._interpreter.restart_context(context)
+
+    async def remove_context(self, context: CodeContext | str) -> None:
+        await self._interpreter.remove_context(context)
+
+    async def interrupt(self, context: CodeContext | str | None = None) -> None:
+        """Interrupts the run in progress in ``context`` (all contexts if None), as a
+        timeout would."""
+        await self._interpreter.interrupt(context)
+
+    async def stop(self) -> None:
+        await self._interpreter.close()
+        await super().stop()
 
     async def run_script(self, script_path: PathLike, timeout: float | None = None) -> str:
         """Runs the Python file ``script_path`` (on the host) in the box, like ``run``."""

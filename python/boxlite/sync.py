@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from ._native import (
 from ._runtime import Box, Boxlite, EnvLike, ExecStdin, Execution, ExecutionId, PathLike
 from .errors import InvalidStateError
 from .images import Images, ProgressCallback
+from .interpreter import CodeContext, CodeError, CodeExecution, CodeOutput, CodeResult, CodeStream
 from .simplebox import CodeBox, SimpleBox
 
 T = TypeVar("T")
@@ -505,8 +506,63 @@ class SyncCodeBox(SyncSimpleBox):
     def _make(image: str | None, *args: Any, **kwargs: Any) -> SimpleBox:
         return CodeBox(image, *args, **kwargs)
 
-    def run(self, code: str, timeout: float | None = None) -> str:
-        return _run(self._inner.run(code, timeout=timeout))
+    def run(self, code: str, timeout: float | None = None, *, context: CodeContext | str | None = None) -> str:
+        return _run(self._inner.run(code, timeout=timeout, context=context))
+
+    def run_code(
+        self,
+        code: str,
+        language: str | None = None,
+        context: CodeContext | str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        on_result: Callable[[CodeResult], Any] | None = None,
+        on_error: Callable[[CodeError], Any] | None = None,
+    ) -> CodeExecution:
+        """``CodeBox.run_code``; the callbacks run in the interpreter's thread."""
+        return _run(
+            self._inner.run_code(
+                code,
+                language,
+                context,
+                timeout,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+                on_result=on_result,
+                on_error=on_error,
+            )
+        )
+
+    def stream_code(
+        self,
+        code: str,
+        language: str | None = None,
+        context: CodeContext | str | None = None,
+        timeout: float | None = None,
+    ) -> Generator[CodeOutput | CodeResult, None, CodeExecution]:
+        """``CodeBox.stream_code`` as a plain iterator; returns (as ``StopIteration.value``,
+        or ``yield from``) the ``CodeExecution``."""
+        stream = _run(_make_stream(self._inner, code, language, context, timeout))
+        yield from _iterate(stream)
+        return stream.execution
+
+    def create_context(
+        self, language: str = "python", cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> CodeContext:
+        return _run(self._inner.create_context(language, cwd=cwd, env=env))
+
+    def list_contexts(self) -> list[CodeContext]:
+        return _run(self._inner.list_contexts())
+
+    def restart_context(self, context: CodeContext | str) -> None:
+        _run(self._inner.restart_context(context))
+
+    def remove_context(self, context: CodeContext | str) -> None:
+        _run(self._inner.remove_context(context))
+
+    def interrupt(self, context: CodeContext | str | None = None) -> None:
+        _run(self._inner.interrupt(context))
 
     def run_script(self, script_path: PathLike, timeout: float | None = None) -> str:
         return _run(self._inner.run_script(script_path, timeout=timeout))
@@ -516,6 +572,12 @@ class SyncCodeBox(SyncSimpleBox):
 
     def install_packages(self, *names: str | Iterable[str], timeout: float | None = None) -> str:
         return _run(self._inner.install_packages(*names, timeout=timeout))
+
+
+async def _make_stream(
+    codebox: CodeBox, code: str, language: str | None, context: CodeContext | str | None, timeout: float | None
+) -> CodeStream:
+    return codebox.stream_code(code, language=language, context=context, timeout=timeout)
 
 
 #: The published package's name for ``SyncImages``.
