@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import boxlite
-from testkit.images import python_layout
+from testkit.images import node_layout, python_layout
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -198,6 +198,33 @@ async def test_shell_contexts_keep_directory_and_variables(codebox: boxlite.Code
 async def test_a_language_missing_from_the_image_is_a_clear_error(codebox: boxlite.CodeBox) -> None:
     with pytest.raises(boxlite.UnsupportedError, match="needs `node`"):
         await codebox.run_code("1", language="node")
+
+
+@pytest.fixture(scope="module")
+def nodebox(shared_runtime: boxlite.Boxlite) -> Iterator[boxlite.CodeBox]:
+    box = boxlite.CodeBox(rootfs_path=node_layout(), runtime=shared_runtime)
+    asyncio.run(box.start())
+    yield box
+    asyncio.run(box.shutdown())
+
+
+async def test_node_contexts_keep_state_and_report_errors(nodebox: boxlite.CodeBox) -> None:
+    await nodebox.run_code(
+        "const base = 40; let calls = 0; function add(n) { calls++; return base + n }", language="node"
+    )
+    chunks: list[str] = []
+    execution = await nodebox.run_code("console.log('adding'); add(2)", language="javascript", on_stdout=chunks.append)
+    assert (execution.text, execution.stdout, chunks, execution.error) == ("42", "adding\n", ["adding\n"], None)
+    awaited = await nodebox.run_code("await new Promise(r => setTimeout(() => r(calls), 10))", language="node")
+    assert awaited.text == "1"
+    failed = await nodebox.run_code("null.field", language="node")
+    assert failed.error is not None and failed.error.name == "TypeError" and "null" in failed.error.value
+    timed = await nodebox.run_code("while (true) {}", language="node", timeout=2)
+    assert timed.timed_out and timed.error is not None
+    assert not timed.context_restarted  # the interrupt stopped the loop; the state is kept
+    assert (await nodebox.run_code("base + calls", language="node")).text == "41"
+    # The same box runs Python-less shells too.
+    assert (await nodebox.run_code("echo $((6 * 7))", language="bash")).stdout == "42\n"
 
 
 def test_the_sync_api_runs_contexts(tmp_path: Path, shared_runtime: boxlite.Boxlite) -> None:

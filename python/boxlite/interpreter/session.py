@@ -235,11 +235,16 @@ class Kernel:
 
     async def _watch(self, run: _Run) -> None:
         """Gives an interrupted run ``INTERRUPT_GRACE`` to end, then kills its interpreter."""
-        try:
-            await asyncio.wait_for(run.done.wait(), INTERRUPT_GRACE)
-            return
-        except asyncio.TimeoutError:
-            pass
+        # A signal that lands as a cell starts or ends can be lost (Node drops it then):
+        # send it again every second of the grace period before giving up on the state.
+        for attempt in range(int(INTERRUPT_GRACE)):
+            if attempt:
+                self._signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(run.done.wait(), INTERRUPT_GRACE / int(INTERRUPT_GRACE))
+                return
+            except asyncio.TimeoutError:
+                pass
         if run.done.is_set():
             return
         await self.stop()
