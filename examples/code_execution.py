@@ -1,4 +1,5 @@
-"""Run untrusted Python in a box: CodeBox returns stdout and raises on failure.
+"""Run untrusted Python in a box: CodeBox keeps state between runs, returns stdout and raises on
+failure (run_code is the rich form: docs/interpreter.md).
 
 python examples/code_execution.py
 """
@@ -17,7 +18,8 @@ async def main() -> None:
     # Without rootfs_path, CodeBox uses the python:slim image from a registry.
     async with boxlite.CodeBox(rootfs_path=PYTHON_IMAGE) as codebox:
         print(await codebox.run("import sys; print(sys.version.split()[0])"), end="")
-        print(await codebox.run("print(sum(i * i for i in range(10)))"), end="")
+        await codebox.run("squares = [i * i for i in range(10)]")  # state is kept between runs
+        print(await codebox.run("print(sum(squares))"), end="")
 
         try:
             await codebox.run("raise ValueError('bad input')")
@@ -27,7 +29,8 @@ async def main() -> None:
         try:
             await codebox.run("while True: pass", timeout=2)
         except boxlite.ExecTimeoutError:
-            print("the endless loop was killed after 2 s")
+            print("the endless loop was interrupted after 2 s")
+        print("still there:", (await codebox.run_code("len(squares)")).text)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ EXPECTED = {
         "3.11",
         "285",
         "failed with exit code 1 -> ValueError: bad input",
-        "the endless loop was killed",
+        "the endless loop was interrupted",
+        "still there: 10",
     ],
     "sync_notebook.py": [
         "hello from a notebook cell",
