@@ -144,7 +144,7 @@ async def test_runner_drives_shell_files_and_a_terminal_in_the_box(runtime: boxl
     async def create_file(items: Items) -> list[Any]:
         out = text_of(items, "c1")
         assert "Process exited with code 0" in out, out
-        assert "/workspace" in out and "boxlite python:slim stand-in" in out, out  # the box's OS
+        assert "/workspace" in out and "boxlite slim stand-in (Debian)" in out, out  # the box's OS
         box = await only_box(runtime)
         assert await box.read_file("/workspace/shell.txt") == b"made-by-shell\n"
         return [
