@@ -144,7 +144,10 @@ class CodeStream:
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def emit(item: CodeOutput | CodeResult) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:
+                pass  # the caller's loop is closed: nobody is left to read the run
 
         code, language, context, timeout = self._args
         self._task = asyncio.ensure_future(on_loop(self._interpreter._run(code, language, context, timeout, emit)))
