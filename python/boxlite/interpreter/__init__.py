@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._runtime import Box
@@ -199,6 +199,3 @@ async def run_with_callbacks(
     if execution.error is not None:
         await call_back(on_error, execution.error)
     return execution
-
-
-OutputCallback = Callable[[str], Awaitable[None] | None]

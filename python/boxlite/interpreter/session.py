@@ -382,10 +382,6 @@ class _Died(Exception):
     """The interpreter went away."""
 
 
-async def _wait_event(event: asyncio.Event) -> None:
-    await event.wait()
-
-
 def _describe(error: BaseException, status: int | None) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return f"no answer within {START_TIMEOUT:g} s"
