@@ -42,9 +42,11 @@ from ._native import (
 from ._runtime import Box, Boxlite, ExecStdin, Execution
 from .errors import (
     AlreadyExistsError,
+    AuthenticationError,
     BootTimeoutError,
     BoxliteError,
     BoxliteIOError,
+    BoxLostError,
     BoxNotFoundError,
     ConfigError,
     DatabaseError,
@@ -145,7 +147,9 @@ __all__ = [
     "BoxMetrics",
     "BoxliteError",
     "AlreadyExistsError",
+    "AuthenticationError",
     "BootTimeoutError",
+    "BoxLostError",
     "BoxNotFoundError",
     "BoxliteIOError",
     "ConfigError",

@@ -180,6 +180,19 @@ class UpstreamUnavailableError(_NativeError):
     code = "upstream_unavailable"
 
 
+class AuthenticationError(ConfigError, PermissionError):
+    """A remote runtime refused the credential (missing, wrong or revoked API key)."""
+
+    code = "unauthenticated"
+
+
+class BoxLostError(UpstreamUnavailableError):
+    """The machine or runtime that held the box is gone (a dead node, a stopped server); the
+    box cannot be reached any more. Create a new one."""
+
+    code = "box_lost"
+
+
 class BoxliteIOError(_NativeError, OSError):
     """An operating-system I/O error, with what boxlite was doing."""
 
@@ -206,8 +219,68 @@ class ExecError(BoxliteError):
         self.stderr = stderr
 
 
+#: The HTTP status of each failure on the wire, most specific class first (``boxlite serve``).
+_HTTP_STATUS: tuple[tuple[type[BoxliteError], int], ...] = (
+    (AuthenticationError, 401),
+    (InvalidArgumentError, 400),
+    (ParseError, 400),
+    (NotFoundError, 404),
+    (AlreadyExistsError, 409),
+    (InvalidStateError, 409),
+    (ResourceExhaustedError, 429),
+    (UnsupportedError, 501),
+    (ExecTimeoutError, 504),
+    (BootTimeoutError, 504),
+    (BoxLostError, 503),
+    (UpstreamUnavailableError, 502),
+    (EngineError, 503),
+)
+
+
+def http_status(error: BoxliteError) -> int:
+    """The HTTP status ``boxlite serve`` answers ``error`` with (500 for anything unlisted)."""
+    for cls, status in _HTTP_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+def error_to_wire(error: BoxliteError) -> dict[str, str]:
+    """The inner object of an error body: ``{"message", "type", "code"}``; ``type`` is the
+    class name, which ``error_from_wire`` turns back into the same class."""
+    return {"message": str(error), "type": type(error).__name__, "code": error.code}
+
+
+def _class_for_code(code: str) -> type[BoxliteError] | None:
+    for value in globals().values():
+        if isinstance(value, type) and issubclass(value, BoxliteError) and value.__dict__.get("code") == code:
+            return value
+    return None
+
+
+def error_from_wire(body: object, status: int) -> BoxliteError:
+    """The exception an error response stands for. ``body`` is the parsed JSON (``{"error":
+    {...}}`` or its inner object); a body that is not one still gives a typed error by HTTP
+    status. The server's text is never evaluated, only looked up among these classes."""
+    detail = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        detail = {}
+    message = detail.get("message")
+    message = message if isinstance(message, str) and message else f"the server answered HTTP {status}"
+    name = detail.get("type")
+    cls = globals().get(name) if isinstance(name, str) and not name.startswith("_") else None
+    if not (isinstance(cls, type) and issubclass(cls, BoxliteError) and cls is not ExecError):
+        code = detail.get("code")
+        cls = _class_for_code(code) if isinstance(code, str) else None
+    if cls is None:
+        cls = next((c for c, s in _HTTP_STATUS if s == status), InternalError)
+    return cls(message)
+
+
 __all__ = [
     "AlreadyExistsError",
+    "AuthenticationError",
+    "BoxLostError",
     "BootTimeoutError",
     "BoxNotFoundError",
     "BoxliteError",
