@@ -133,6 +133,17 @@ impl BoxInfo {
         Ready::new(slf.into_any())
     }
 
+    /// This info as a JSON-ready dict (the REST shape; see `wire.rs`).
+    fn _to_wire(&self, py: Python<'_>) -> PyResult<PyObject> {
+        self.to_wire(py)
+    }
+
+    /// Info read from a REST response (`ParseError` if malformed).
+    #[staticmethod]
+    fn _from_wire(py: Python<'_>, wire: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Self::from_wire(py, wire)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "BoxInfo(id={:?}, name={}, status={:?}, image={:?}, cpus={}, memory_mib={})",
@@ -149,7 +160,7 @@ impl BoxInfo {
 }
 
 /// An image in the local store. `digest` (also `id`) is its manifest digest.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[pyclass(frozen, get_all, module = "boxlite")]
 pub struct ImageInfo {
     pub reference: String,
@@ -222,6 +233,13 @@ impl ImageInfo {
     fn cached_at(&self) -> Option<String> {
         self.pulled_at
             .map(|secs| rfc3339(UNIX_EPOCH + std::time::Duration::from_secs_f64(secs.max(0.0))))
+    }
+    fn _to_wire(&self, py: Python<'_>) -> PyResult<PyObject> {
+        crate::wire::to_dict(py, self)
+    }
+    #[staticmethod]
+    fn _from_wire(py: Python<'_>, wire: &Bound<'_, PyAny>) -> PyResult<Self> {
+        crate::wire::from_dict(py, wire, "image info")
     }
     fn __repr__(&self) -> String {
         format!(

@@ -16,6 +16,7 @@ mod options;
 mod runtime;
 mod snapshots;
 mod volumes;
+mod wire;
 
 use pyo3::prelude::*;
 

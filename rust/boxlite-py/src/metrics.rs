@@ -39,6 +39,13 @@ impl RuntimeMetrics {
     fn total_exec_errors(&self) -> u64 {
         self.0.total_run_errors()
     }
+    fn _to_wire(&self, py: Python<'_>) -> PyResult<PyObject> {
+        self.to_wire(py)
+    }
+    #[staticmethod]
+    fn _from_wire(py: Python<'_>, wire: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Self::from_wire(py, wire)
+    }
     /// `await runtime.metrics()` works too (the published package's `metrics()` is async).
     fn __await__(slf: Py<Self>) -> crate::info::Ready {
         crate::info::Ready::new(slf.into_any())
@@ -56,7 +63,8 @@ impl RuntimeMetrics {
 }
 
 /// A snapshot of one box's metrics.
-#[derive(Debug)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 #[pyclass(frozen, get_all, module = "boxlite._native")]
 pub struct BoxMetrics {
     commands_run_total: u64,
@@ -121,6 +129,24 @@ impl BoxMetrics {
     #[getter]
     fn exec_errors_total(&self) -> u64 {
         self.run_errors_total
+    }
+    /// Every field, plus the published package's names `commands_executed_total` and
+    /// `exec_errors_total`.
+    fn _to_wire(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let mut value = serde_json::to_value(self)
+            .map_err(|e| crate::wire::parse_error(py, "box metrics", &e))?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert(
+                "commands_executed_total".into(),
+                self.commands_run_total.into(),
+            );
+            map.insert("exec_errors_total".into(), self.run_errors_total.into());
+        }
+        crate::wire::to_dict(py, &value)
+    }
+    #[staticmethod]
+    fn _from_wire(py: Python<'_>, wire: &Bound<'_, PyAny>) -> PyResult<Self> {
+        crate::wire::from_dict(py, wire, "box metrics")
     }
     fn __repr__(&self) -> String {
         let opt = |v: Option<u128>| v.map_or("None".into(), |v| v.to_string());

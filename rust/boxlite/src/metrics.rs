@@ -44,6 +44,27 @@ impl RuntimeMetrics {
         self.counters.run_errors.load(Relaxed)
     }
 
+    /// Counters that start at the given totals: another runtime's numbers as its server
+    /// reported them.
+    pub fn from_totals(
+        created: u64,
+        failed: u64,
+        running: u64,
+        commands: u64,
+        errors: u64,
+    ) -> Self {
+        let counters = RuntimeCounters {
+            boxes_created: AtomicU64::new(created),
+            boxes_failed: AtomicU64::new(failed),
+            running_boxes: AtomicU64::new(running),
+            commands_run: AtomicU64::new(commands),
+            run_errors: AtomicU64::new(errors),
+        };
+        Self {
+            counters: Arc::new(counters),
+        }
+    }
+
     pub(crate) fn box_created(&self) {
         self.counters.boxes_created.fetch_add(1, Relaxed);
     }
