@@ -6,6 +6,7 @@
     boxlite ps [-a] | start BOX... | stop BOX... | rm [-f] BOX...
     boxlite pull IMAGE | images | rmi IMAGE... | cp SRC DEST | info
     boxlite mcp [--transport stdio|http] [--image IMAGE | --rootfs PATH]: boxes as MCP tools
+    boxlite serve [--host H] [--port P] [--api-key KEY]...: the boxes over HTTP (docs/serve.md)
 
 Boxes made here are detached (they outlive this process, like a Docker container outlives
 ``docker``), so ``start`` and ``exec`` work from later invocations. ``run`` without ``-d``
@@ -37,6 +38,7 @@ from . import __version__, accelerator
 from ._native import BoxInfo, BoxOptions, ImageInfo, NetworkSpec, Options, PullProgress
 from ._runtime import Box, Boxlite, ExecStdin, Execution
 from .errors import BoxliteError, BoxNotFoundError, ExecStartError, InvalidArgumentError, InvalidStateError
+from .serve.config import add_flags as serve_flags  # imports no web framework
 
 PROG = "boxlite"
 #: Exit codes for failures that are not the command's own (Docker's conventions).
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("info", "show version, accelerator, isolation, guest bundle and home")
     mcp_flags(command("mcp", "serve boxes to AI agents over the Model Context Protocol (stdio or HTTP)"))
+    serve_flags(command("serve", "serve this home's boxes over HTTP (REST + WebSocket; see docs/serve.md)"))
     return parser
 
 
@@ -834,6 +837,14 @@ async def cmd_mcp(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import run
+    except ModuleNotFoundError as e:
+        raise CliError(f"`{PROG} serve` needs the {e.name} package: pip install 'boxlite[serve]'") from e
+    return await run.main(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "run": cmd_run,
     "exec": cmd_exec,
@@ -851,6 +862,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = 
     "import": cmd_import,
     "info": cmd_info,
     "mcp": cmd_mcp,
+    "serve": cmd_serve,
 }
 
 
