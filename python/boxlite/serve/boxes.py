@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from .._native import BoxOptions, NetworkSpec
 from .._runtime import Box
 from ..errors import BoxliteError, BoxNotFoundError, InvalidArgumentError
-from . import _wire, models
+from . import models
 from .config import ServeConfig
 from .deps import Key, State
 from .state import ServeState
@@ -52,7 +52,7 @@ def box_options(body: models.CreateBox, config: ServeConfig) -> BoxOptions:
 
 
 def box_wire(box: Box) -> dict[str, Any]:
-    wire = _wire.box_info(box.info())
+    wire = box.info()._to_wire()
     wire["default_command"] = box.default_command
     return wire
 
@@ -103,7 +103,7 @@ async def list_boxes(
     state: State, key: Key, status: Annotated[str | None, Query(max_length=64)] = None
 ) -> dict[str, Any]:
     owned = state.owners.owned_by(key)
-    return {"boxes": [_wire.box_info(i) for i in await state.runtime.list_info(status) if i.id in owned]}
+    return {"boxes": [i._to_wire() for i in await state.runtime.list_info(status) if i.id in owned]}
 
 
 @router.get("/{box}", response_model=models.Box)

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
-from . import _wire, models
+from . import models
 from .deps import Key, State
 
 router = APIRouter(prefix="/v1/default/images", tags=["images"])
@@ -14,12 +14,12 @@ router = APIRouter(prefix="/v1/default/images", tags=["images"])
 
 @router.get("", response_model=models.ImageList)
 async def list_images(state: State, key: Key) -> dict[str, Any]:
-    return {"images": [_wire.image_info(i) for i in await state.runtime.images.list()]}
+    return {"images": [i._to_wire() for i in await state.runtime.images.list()]}
 
 
 @router.post("/pull", response_model=models.ImageInfo)
 async def pull(body: models.Pull, state: State, key: Key) -> dict[str, Any]:
-    return _wire.image_info(await state.runtime.images.pull(body.reference))
+    return (await state.runtime.images.pull(body.reference))._to_wire()
 
 
 @router.delete("/{reference:path}", status_code=204)

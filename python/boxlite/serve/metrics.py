@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from . import _wire, models
+from . import models
 from .deps import Key, State
 
 router = APIRouter(prefix="/v1/default", tags=["metrics"])
@@ -14,9 +14,9 @@ router = APIRouter(prefix="/v1/default", tags=["metrics"])
 
 @router.get("/metrics", response_model=models.RuntimeMetrics)
 async def runtime_metrics(state: State, key: Key) -> dict[str, Any]:
-    return _wire.metrics(state.runtime.metrics())
+    return state.runtime.metrics()._to_wire()
 
 
 @router.get("/boxes/{box}/metrics", response_model=models.BoxMetrics)
 async def box_metrics(box: str, state: State, key: Key) -> dict[str, Any]:
-    return _wire.metrics(await (await state.box(box, key)).metrics())
+    return (await (await state.box(box, key)).metrics())._to_wire()
