@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import _native
 from ._native import (
     AdvancedBoxOptions,
@@ -83,7 +85,24 @@ from .interpreter import CodeContext, CodeError, CodeExecution, CodeLogs, CodeOu
 from .simplebox import CodeBox, SimpleBox
 from .sync import SyncBox, SyncBoxlite, SyncCodeBox, SyncExecution, SyncImageHandle, SyncSimpleBox
 
+if TYPE_CHECKING:
+    from .rest.options import ApiKeyCredential, BoxliteRestOptions
+
 __version__: str = _native.__version__
+
+#: Names imported on first use, so ``import boxlite`` loads no HTTP client.
+_LAZY = {"ApiKeyCredential": "rest.options", "BoxliteRestOptions": "rest.options"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The published package's name for ``BoxState``.
 BoxStateInfo = BoxState
@@ -98,6 +117,8 @@ __all__ = [
     "__version__",
     "accelerator",
     "Boxlite",
+    "BoxliteRestOptions",
+    "ApiKeyCredential",
     "Options",
     "ImageRegistry",
     "Images",

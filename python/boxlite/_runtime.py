@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import inspect
 import os
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _native
 from ._native import BoxInfo, BoxOptions, CopyOptions, ExecResult, Options
-from .errors import AlreadyExistsError, BoxliteError, InvalidStateError
+from .errors import AlreadyExistsError, BoxliteError, InvalidStateError, UnsupportedError
 from .images import Images
+
+if TYPE_CHECKING:
+    from .rest.options import BoxliteRestOptions
 
 PathLike = str | os.PathLike[str]
 EnvLike = Mapping[str, str] | Iterable[tuple[str, str]] | None
@@ -352,6 +356,24 @@ class Boxlite:
         """A runtime at ``$BOXLITE_HOME`` or ``~/.boxlite``."""
         return cls(Options())
 
+    @classmethod
+    def rest(cls, options: BoxliteRestOptions) -> Boxlite:
+        """A runtime whose boxes live on a ``boxlite serve`` server (docs/rest-client.md): the
+        same classes and errors as locally. Nothing is sent until the first call."""
+        try:
+            from .rest.runtime import RestRuntime
+        except ImportError as e:
+            raise UnsupportedError(f"Boxlite.rest needs the {e.name} package: pip install 'boxlite[rest]'") from e
+        return cls._around(RestRuntime(options))
+
+    @classmethod
+    def _around(cls, backend: Any) -> Boxlite:
+        """A runtime over another backend with ``_native.Runtime``'s methods."""
+        runtime = cls.__new__(cls)
+        runtime._native = backend
+        runtime._images = Images(backend.images())
+        return runtime
+
     @property
     def home_dir(self) -> Path:
         return Path(self._native.home_dir)
@@ -391,16 +413,17 @@ class Boxlite:
     async def get(self, id_or_name: str) -> Box | None:
         """A box by id or name, also one created by another process with the same home (a
         running one is reattached), or ``None``."""
-        native = self._native.get(id_or_name)
+        native = await _resolved(self._native.get(id_or_name))
         return None if native is None else Box(native)
 
     async def get_info(self, id_or_name: str) -> BoxInfo | None:
-        return self._native.get_info(id_or_name)
+        info: BoxInfo | None = await _resolved(self._native.get_info(id_or_name))
+        return info
 
     async def list_info(self, state: str | None = None) -> list[BoxInfo]:
         """Every box of this home, oldest first; only those with status ``state``
         (``"running"``, ``"stopped"``, ...) if given."""
-        infos = self._native.list_info()
+        infos: list[BoxInfo] = await _resolved(self._native.list_info())
         return infos if state is None else [i for i in infos if i.status == state]
 
     async def remove(self, id_or_name: str, force: bool = False) -> None:
@@ -453,6 +476,11 @@ class Boxlite:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._native.close_blocking()
+
+
+async def _resolved(value: Any) -> Any:
+    """``value``, or what it gives when it is a coroutine (a remote backend's lookups are)."""
+    return await value if inspect.iscoroutine(value) else value
 
 
 def _consume_error(future: asyncio.Future[None]) -> None:

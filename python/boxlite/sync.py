@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._native import (
     BoxInfo,
@@ -35,6 +35,9 @@ from .errors import InvalidStateError
 from .images import Images, ProgressCallback
 from .interpreter import CodeContext, CodeError, CodeExecution, CodeOutput, CodeResult, CodeStream
 from .simplebox import CodeBox, SimpleBox
+
+if TYPE_CHECKING:
+    from .rest.options import BoxliteRestOptions
 
 T = TypeVar("T")
 _S = TypeVar("_S", bound="SyncSimpleBox")
@@ -348,6 +351,15 @@ class SyncBoxlite:
     @classmethod
     def default(cls) -> SyncBoxlite:
         return cls(Options())
+
+    @classmethod
+    def rest(cls, options: BoxliteRestOptions) -> SyncBoxlite:
+        """A blocking runtime whose boxes live on a ``boxlite serve`` server
+        (``Boxlite.rest``)."""
+        runtime = cls.__new__(cls)
+        runtime._runtime = Boxlite.rest(options)
+        runtime._images = SyncImages(runtime._runtime.images)
+        return runtime
 
     @property
     def runtime(self) -> Boxlite:
