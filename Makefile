@@ -10,7 +10,7 @@ GUEST_OUT  := $(BUILD)/guest
 PKG_GUEST  := python/boxlite/guest
 DEMO_IMAGE := $(BUILD)/images/busybox
 AGENT      := target/guest/x86_64-unknown-linux-gnu/release/boxlite-guest
-PY_DEPS    := maturin>=1.7,<2 pytest>=8 pytest-asyncio>=0.23 pytest-timeout>=2.3 mypy>=1.10 ruff>=0.5 pypiserver>=2 nbclient>=0.10 nbformat>=5.9 ipykernel>=6.29 mcp>=2.3,<3 langchain-core>=1.0,<2 smolagents>=1.26,<2 openai-agents>=0.24 fastapi>=0.115 uvicorn>=0.35 websockets>=13,<17 httpx>=0.27 schemathesis>=4,<5
+PY_DEPS    := maturin>=1.7,<2 pytest>=8 pytest-asyncio>=0.23 pytest-timeout>=2.3 mypy>=1.10 ruff>=0.5 pypiserver>=2 nbclient>=0.10 nbformat>=5.9 ipykernel>=6.29 mcp>=2.3,<3 langchain-core>=1.0,<2 smolagents>=1.26,<2 openai-agents>=0.24 fastapi>=0.115 uvicorn>=0.35 websockets>=13,<17 httpx>=0.27 schemathesis>=4,<5 ray>=2.9 pyyaml>=6
 
 RUST_SOURCES  := Cargo.toml Cargo.lock $(shell find rust -name '*.rs' -o -name Cargo.toml)
 GUEST_SOURCES := $(shell find rust/boxlite-guest rust/boxlite-proto -name '*.rs' -o -name Cargo.toml)
