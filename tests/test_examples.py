@@ -65,6 +65,7 @@ EXPECTED = {
     ],
     "agents_smolagents.py": ["the box runs Linux ", "answer: 45, computed on Linux "],
     "many_boxes.py": ["box 0 1", "box 1 1", "box 2 1", "boxes created: 3, commands run: 3"],
+    "ray_cluster.py": ["boxes on 2 different nodes", "words counted in boxes: 3, 4", "1 of 1 slots", "closed"],
     "mcp_client.py": [
         "tools: create_box, exec, list_boxes, list_files, read_file, remove_box, run_code, write_file",
         "exec: Linux",
