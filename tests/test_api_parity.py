@@ -246,6 +246,15 @@ async def test_exec_streams_live_and_takes_stdin(box: boxlite.Box) -> None:
     # wait() without taking stdin closes it, as locally: cat ends.
     assert (await (await box.exec("cat")).wait()).stdout == ""
 
+    payload = os.urandom(1 << 20)  # more than any single message or window on the way
+    execution = await box.exec("sh", ["-c", "cat; echo done >&2"])
+    stdin = execution.stdin()
+    assert stdin is not None
+    await stdin.write(payload)
+    await stdin.close()
+    result = await execution.wait()
+    assert (result.stdout_bytes, result.stderr) == (payload, "done\n")
+
 
 @shared_loop
 async def test_exec_timeout(box: boxlite.Box) -> None:

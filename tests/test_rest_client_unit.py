@@ -367,6 +367,8 @@ def test_options(monkeypatch: pytest.MonkeyPatch) -> None:
             boxlite.BoxliteRestOptions(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(boxlite.ConfigError):
         boxlite.ApiKeyCredential("two\nlines")
+    with pytest.raises(boxlite.ConfigError, match="BoxliteRestOptions"):
+        boxlite.Boxlite.rest("http://localhost:8100")  # type: ignore[arg-type]
 
 
 def test_importing_boxlite_loads_no_http_client() -> None:

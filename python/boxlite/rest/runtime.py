@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from .._native import BoxInfo, BoxOptions, ImageInfo, RuntimeMetrics
-from ..errors import BoxliteError, NotFoundError
+from ..errors import BoxliteError, ConfigError, NotFoundError
 from .box import RestBox, unsupported
 from .client import RestClient
 from .options import BoxliteRestOptions
@@ -49,6 +49,8 @@ class RestRuntime:
     """The boxes of one ``boxlite serve`` server (those the API key may see)."""
 
     def __init__(self, options: BoxliteRestOptions) -> None:
+        if not isinstance(options, BoxliteRestOptions):
+            raise ConfigError(f"Boxlite.rest takes a BoxliteRestOptions, not {type(options).__name__}")
         self.options = options
         self.client = RestClient(options)
         self._images = RestImages(self.client)
