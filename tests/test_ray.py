@@ -51,6 +51,23 @@ def test_placement_skips_full_nodes() -> None:
     assert placement_order([]) == []
 
 
+@pytest.mark.parametrize(
+    ("runtime_options", "server_options", "message"),
+    [
+        ({"home_dir": "/x"}, {}, "home_dir"),
+        ({"no_such_option": 1}, {}, "no_such_option"),
+        ({}, {"max_boxes_per_key": 3}, "cannot set max_boxes_per_key"),
+        ({}, {"no_such_field": 1}, "unknown field"),
+        ({}, {"orphan_timeout": -1}, "orphan_timeout"),
+    ],
+)
+def test_bad_node_options_are_refused_in_the_driver(
+    runtime_options: dict[str, Any], server_options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(boxlite.InvalidArgumentError, match=message):
+        SyncRayBoxlite(runtime_options=runtime_options, server_options=server_options)
+
+
 def test_import_boxlite_does_not_import_ray() -> None:
     code = "import sys, boxlite; assert 'ray' not in sys.modules and 'boxlite.ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -183,6 +200,14 @@ def test_no_node_with_the_resource_is_a_config_error(world: World, image_layout:
     with SyncRayBoxlite(resource="no_such_slots", namespace="other") as other:
         with pytest.raises(ConfigError, match="no_such_slots"):
             other.create(options(image_layout))
+
+
+def test_a_runtime_that_cannot_start_says_why(world: World, image_layout: Path) -> None:
+    blocker = world.base / "not-a-directory"
+    blocker.write_text("")
+    with SyncRayBoxlite(namespace="broken", home_base=str(blocker), start_timeout=PROMPT) as broken:
+        with pytest.raises(boxlite.UpstreamUnavailableError, match="could not start: .*not-a-directory"):
+            broken.create(options(image_layout))
 
 
 def test_handles_find_and_list(world: World) -> None:

@@ -89,7 +89,7 @@ class RayBox:
         self._name = name
         self._default_command = list(default_command)
         self._timeout = timeout
-        self._lost: BoxLostError | None = None
+        self._lost: str | None = None  # why the box is lost, once known
         self._rest_box: Box | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -126,7 +126,7 @@ class RayBox:
 
     async def _box(self) -> Box:
         if self._lost is not None:
-            raise self._lost
+            raise BoxLostError(self._lost)
         if self._rest_box is None:
             box = await rest_runtime(self._address, self._timeout).get(self._id)
             if box is None:
@@ -134,24 +134,25 @@ class RayBox:
             self._rest_box = box
         return self._rest_box
 
-    async def _lost_error(self, cause: BaseException) -> BaseException:
-        """``cause``, or the ``BoxLostError`` it turns out to mean."""
-        if self._lost is not None:
-            return self._lost
-        if isinstance(cause, BoxLostError):
-            self._lost = cause
-            return cause
-        if not isinstance(cause, _UNREACHABLE):
-            return cause
+    async def _lost_error(self, cause: BaseException) -> BoxLostError | None:
+        """The ``BoxLostError`` that ``cause`` turns out to mean, or None if the node's
+        runtime is alive (or cannot be told apart from a slow one)."""
+        if self._lost is None:
+            if isinstance(cause, BoxLostError):
+                self._lost = str(cause)
+            elif isinstance(cause, _UNREACHABLE):
+                await self._check()
+        return None if self._lost is None else BoxLostError(self._lost)
+
+    async def _check(self) -> None:
+        """Asks Ray whether the node's runtime is gone; if so, the box is lost from now on."""
         reason = await runtime_gone(self._actor)
-        if reason is None:
-            return cause
-        self._lost = BoxLostError(
-            f"box {self._id} was on Ray node {self.node_id[:12]} ({self.url}), and {reason}; "
-            "it cannot be reached any more: create a new box"
-        )
-        self._rest_box = None
-        return self._lost
+        if reason is not None and self._lost is None:
+            self._lost = (
+                f"box {self._id} was on Ray node {self.node_id[:12]} ({self.url}), and {reason}; "
+                "it cannot be reached any more: create a new box"
+            )
+            self._rest_box = None
 
     async def _call(self, op: Callable[[Box], Awaitable[T]]) -> T:
         try:
@@ -161,12 +162,12 @@ class RayBox:
                 f"the boxlite server of Ray node {self.node_id[:12]} ({self.url}) did not finish within "
                 f"{self._timeout:g} s"
             )
-            raise await self._lost_error(late) from None
+            raise (await self._lost_error(late) or late) from None
         except _UNREACHABLE as error:
-            translated = await self._lost_error(error)
-            if translated is error:
+            lost = await self._lost_error(error)
+            if lost is None:
                 raise
-            raise translated from error
+            raise lost from error
 
     async def _on_box(self, op: Callable[[Box], Awaitable[T]]) -> T:
         return await op(await self._box())
@@ -174,9 +175,7 @@ class RayBox:
     async def is_lost(self) -> bool:
         """Whether the node's runtime is gone (asks Ray unless already known)."""
         if self._lost is None:
-            reason = await runtime_gone(self._actor)
-            if reason is not None:
-                await self._lost_error(UpstreamUnavailableError(reason))
+            await self._check()
         return self._lost is not None
 
     async def info(self) -> BoxInfo:
@@ -265,7 +264,10 @@ class _WatchedStream:
         except StopAsyncIteration:
             raise
         except _UNREACHABLE as error:
-            raise await self._box._lost_error(error) from error
+            lost = await self._box._lost_error(error)
+            if lost is None:
+                raise
+            raise lost from error
         return chunk
 
 
@@ -304,13 +306,13 @@ class _WatchedExecution:
             while not waiting.done():
                 await asyncio.wait({waiting}, timeout=WATCH_INTERVAL)
                 if not waiting.done() and await self._box.is_lost():
-                    raise await self._box._lost_error(UpstreamUnavailableError("gone"))
+                    raise BoxLostError(cast(str, self._box._lost))
             return cast(ExecResult, waiting.result())
         except _UNREACHABLE as error:
-            translated = await self._box._lost_error(error)
-            if translated is error:
+            lost = await self._box._lost_error(error)
+            if lost is None:
                 raise
-            raise translated from error
+            raise lost from error
         finally:
             waiting.cancel()
 

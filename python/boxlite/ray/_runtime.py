@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 from collections import Counter
 from collections.abc import Mapping
@@ -72,6 +73,7 @@ class RayBoxlite:
         start_timeout: float = START_TIMEOUT,
         address: str | None = None,
     ) -> None:
+        _check_options(runtime_options or {}, server_options or {})
         if not ray.is_initialized():
             ray.init(address=address)
         self.namespace = namespace
@@ -107,11 +109,17 @@ class RayBoxlite:
             return None
         return await self._connect(actor)
 
-    async def _connect(self, actor: Any) -> _Node | None:
+    async def _connect(self, actor: Any, starting: bool = False) -> _Node | None:
+        """The actor's node runtime; None if it died (``starting``: an error saying why)."""
         try:
             address: NodeAddress = await ray_result(actor.address.remote(), self._start_timeout)
-        except RayActorError:
-            return None
+        except RayActorError as error:
+            if not starting:
+                return None
+            raise UpstreamUnavailableError(
+                f"the boxlite runtime of a Ray node could not start: {_last_line(error)} (the whole "
+                "traceback is in that node's Ray worker logs: `ray logs`)"
+            ) from None
         except asyncio.TimeoutError:
             raise UpstreamUnavailableError(
                 f"a boxlite runtime actor did not answer within {self._start_timeout:g} s"
@@ -142,15 +150,11 @@ class RayBoxlite:
         )
         handle = await asyncio.to_thread(actor.remote, config)
         try:
-            node = await self._connect(handle)
+            node = await self._connect(handle, starting=True)
         except UpstreamUnavailableError:
             ray.kill(handle, no_restart=True)
             raise
-        if node is None:
-            raise UpstreamUnavailableError(
-                f"the boxlite runtime of Ray node {node_id[:12]} could not start; its log is in the Ray "
-                "worker logs of that node (`ray logs`)"
-            )
+        assert node is not None
         return node
 
     async def _count(self, node: _Node) -> int | None:
@@ -381,3 +385,39 @@ class RayBoxlite:
 
     def __repr__(self) -> str:
         return f"RayBoxlite(namespace={self.namespace!r}, nodes={len(self._nodes)}, boxes={len(self._made)})"
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of a Ray error's text: the exception its remote traceback ends with."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+#: ServeConfig fields each node's runtime sets itself.
+_SERVER_OWNED = ("keys", "allow_host_paths", "max_boxes_per_key")
+
+
+def _check_options(runtime_options: Mapping[str, Any], server_options: Mapping[str, Any]) -> None:
+    """Refuses, here in the driver, options a node's runtime would fail to start with."""
+    from .._native import Options
+    from ..serve.config import ServeConfig
+
+    if "home_dir" in runtime_options:
+        raise InvalidArgumentError("runtime_options cannot set home_dir: each node's home is <home_base>/<node id>")
+    try:
+        Options(**runtime_options)
+    except TypeError as e:
+        raise InvalidArgumentError(f"runtime_options: {e}") from None
+    owned = sorted(set(server_options) & set(_SERVER_OWNED))
+    if owned:
+        raise InvalidArgumentError(
+            f"server_options cannot set {', '.join(owned)}: RayBoxlite sets them (a fresh key per node, "
+            "allow_host_paths, the node's slots)"
+        )
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(server_options) - known)
+    if unknown:
+        raise InvalidArgumentError(
+            f"server_options: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    ServeConfig(**server_options)
