@@ -206,7 +206,7 @@ def test_a_runtime_that_cannot_start_says_why(world: World, image_layout: Path) 
     blocker = world.base / "not-a-directory"
     blocker.write_text("")
     with SyncRayBoxlite(namespace="broken", home_base=str(blocker), start_timeout=PROMPT) as broken:
-        with pytest.raises(boxlite.UpstreamUnavailableError, match="could not start: .*not-a-directory"):
+        with pytest.raises(boxlite.UpstreamUnavailableError, match=r"could not start: .*not-a-directory"):
             broken.create(options(image_layout))
 
 
