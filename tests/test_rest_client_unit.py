@@ -142,6 +142,7 @@ def test_malformed_archives_are_refused(staging: Path) -> None:
         "content cut short": good[:600],
         "wrong checksum": good[:148] + b"0000001\0" + good[156:],
         "sparse entry": raw_header(b"top", b"S", 0) + bytes(1024),
+        "negative pax size": tar_of(member("top", pax_headers={"size": "-1"})),
     }
     for why, data in cases.items():
         with pytest.raises(boxlite.GuestProtocolError):
@@ -214,9 +215,11 @@ def test_gnu_long_names_and_links_are_read(staging: Path) -> None:
         member("top", tarfile.DIRTYPE),
         member(name, data=b"long"),
         member("top/l", tarfile.SYMTYPE, linkname="n" * 150),
+        member("top/future", data=b"", mtime=1 << 70),  # a time the host cannot hold: not kept
         fmt=tarfile.GNU_FORMAT,
     )
     extract(data, staging)
+    assert (staging / "top" / "future").is_file()
     assert (staging / name).read_bytes() == b"long" and os.readlink(staging / "top" / "l") == "n" * 150
 
 

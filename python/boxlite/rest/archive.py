@@ -13,6 +13,7 @@ directories must be real directories (never symlinks) and files are opened with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tarfile
@@ -185,7 +186,9 @@ def entries(source: _Input) -> Iterator[Entry]:
             try:
                 size = int(pax["size"])
             except ValueError:
-                raise RefusedEntry("a pax header with a bad size") from None
+                size = -1
+            if size < 0:
+                raise RefusedEntry("a pax header with a bad size")
         entry = Entry(
             name=pax.get("path", long_name if long_name is not None else name),
             kind=kind,
@@ -320,7 +323,8 @@ class _Extraction:
             _write_sparse(fd, source, entry.size, name)
             os.ftruncate(fd, entry.size)
             os.fchmod(fd, entry.mode & 0o777)
-            os.utime(fd, (entry.mtime, entry.mtime))
+            with contextlib.suppress(OSError, OverflowError, ValueError):
+                os.utime(fd, (entry.mtime, entry.mtime))  # a time the host cannot hold is not kept
         finally:
             os.close(fd)
         self.files.add(name)
