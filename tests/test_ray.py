@@ -196,6 +196,12 @@ def test_a_full_node_refuses_without_booting(world: World, image_layout: Path) -
         world.runtime.create(options(image_layout), node_id=world.narrow)
 
 
+def test_detached_boxes_are_refused(world: World, image_layout: Path) -> None:
+    detached = boxlite.BoxOptions(rootfs_path=image_layout, detach=True, auto_remove=False)
+    with pytest.raises(boxlite.InvalidArgumentError, match="detach"):
+        world.runtime.create(detached)
+
+
 def test_no_node_with_the_resource_is_a_config_error(world: World, image_layout: Path) -> None:
     with SyncRayBoxlite(resource="no_such_slots", namespace="other") as other:
         with pytest.raises(ConfigError, match="no_such_slots"):
