@@ -351,6 +351,9 @@ async def test_copy_a_tree_in_and_out(box: boxlite.Box, tmp_path: Path) -> None:
     assert (await run(box, "cat", "/root/copied/sub/link")).stdout == "hello\n"
     assert (await run(box, "/root/copied/run.sh")).stdout == "ran\n"
     await box.copy_in(tree / "hello.txt", "/root/copied/")  # into a directory: trailing slash
+    before = (await run(box, "stat", "-c", "%a %u", "/tmp")).stdout
+    await box.copy_in(tree / "hello.txt", "/tmp/")
+    assert (await run(box, "stat", "-c", "%a %u", "/tmp")).stdout == before  # the directory is left as it was
     await box.copy_in(tree / "run.sh", "/root/copied/sub")  # a file onto a directory lands inside
     assert await box.list_dir("/root/copied/sub") == ["data.bin", "deeper", "link", "run.sh"]
 
