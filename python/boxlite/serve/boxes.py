@@ -59,6 +59,7 @@ def box_wire(box: Box) -> dict[str, Any]:
 
 async def _discard(state: ServeState, box_id: str) -> None:
     state.owners.drop(box_id)
+    state.forget_handles(box_id)
     with contextlib.suppress(BoxliteError):
         await state.runtime.remove(box_id, force=True)
 
@@ -125,6 +126,7 @@ async def remove(
     await state.runtime.remove(target.id, force)
     state.execs.forget_box(target.id)
     state.owners.drop(target.id)
+    state.forget_handles(target.id)
     return Response(status_code=204)
 
 
@@ -146,4 +148,5 @@ async def stop(box: str, state: State, key: Key) -> dict[str, Any]:
     except BoxNotFoundError:
         # auto_remove: the stop deleted it; this is its last state.
         state.owners.drop(target.id)
+        state.forget_handles(target.id)
         return {**before, "status": "stopped", "running": False, "pid": None}

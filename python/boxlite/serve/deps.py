@@ -11,13 +11,18 @@ from .auth import key_name
 from .state import ServeState
 
 
-def get_state(conn: HTTPConnection) -> ServeState:
+# async: FastAPI would run plain functions in a worker thread, a thread hop per request.
+async def get_state(conn: HTTPConnection) -> ServeState:
+    return state_of(conn)
+
+
+async def get_key(conn: HTTPConnection) -> str:
+    return key_name(state_of(conn).config.keys, conn.headers)
+
+
+def state_of(conn: HTTPConnection) -> ServeState:
     state: ServeState = conn.app.state.serve
     return state
-
-
-def get_key(conn: HTTPConnection) -> str:
-    return key_name(get_state(conn).config.keys, conn.headers)
 
 
 State = Annotated[ServeState, Depends(get_state)]

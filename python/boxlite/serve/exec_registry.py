@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .._runtime import ExecStdin, Execution
@@ -96,7 +96,14 @@ class Output:
 class ServerExecution:
     """One command: its output pumps, its stdin feeder, its result."""
 
-    def __init__(self, execution: Execution, box_id: str, owner: str, backlog_bytes: int) -> None:
+    def __init__(
+        self,
+        execution: Execution,
+        box_id: str,
+        owner: str,
+        backlog_bytes: int,
+        on_exit: Callable[[ServerExecution], None] = lambda _: None,
+    ) -> None:
         self.id = str(execution.id)
         self.pid = execution.pid
         self.box_id = box_id
@@ -110,8 +117,10 @@ class ServerExecution:
         self.attached = False
         self.unattended_since = time.monotonic()
         self._execution = execution
+        self._on_exit = on_exit
         self._stdin = execution.stdin()
-        self._stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+        # Bounded: a client sending faster than the command reads waits (its messages <= 1 MiB).
+        self._stdin_queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
         self._pumps = [
             asyncio.ensure_future(self._pump(STDOUT, execution.stdout(binary=True))),
             asyncio.ensure_future(self._pump(STDERR, execution.stderr(binary=True))),
@@ -165,6 +174,7 @@ class ServerExecution:
         self.result = result
         self.finished_at = time.monotonic()
         self.finished.set()
+        self._on_exit(self)
 
     async def feed(self, data: bytes | None) -> None:
         """Stdin bytes for the command; ``None`` is end-of-file. Dropped once it ended."""
@@ -213,11 +223,15 @@ class ExecRegistry:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self._execs: dict[str, ServerExecution] = {}
+        self._running = 0  # also counts forgotten ones until they end
         self._starting = 0
         self._reaper: asyncio.Task[None] | None = None
 
     def running(self) -> int:
-        return sum(1 for e in self._execs.values() if e.running)
+        return self._running
+
+    def _ended(self, execution: ServerExecution) -> None:
+        self._running -= 1
 
     def reserve(self) -> None:
         """Counts a command being started against the limit (``release`` after)."""
@@ -232,8 +246,12 @@ class ExecRegistry:
     def release(self) -> None:
         self._starting -= 1
 
-    def add(self, execution: ServerExecution) -> None:
-        self._execs[execution.id] = execution
+    def track(self, execution: Execution, box_id: str, owner: str) -> ServerExecution:
+        """Starts pumping a started command's output and counts it until it ends."""
+        tracked = ServerExecution(execution, box_id, owner, self.config.exec_backlog_bytes, self._ended)
+        self._running += 1
+        self._execs[tracked.id] = tracked
+        return tracked
 
     def get(self, exec_id: str, box_id: str, owner: str) -> ServerExecution:
         found = self._execs.get(exec_id)

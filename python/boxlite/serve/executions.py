@@ -8,12 +8,12 @@ import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Response, WebSocket, WebSocketDisconnect
 
 from ..errors import BoxliteError, InvalidArgumentError, InvalidStateError
 from . import models
 from .auth import key_name
-from .deps import Key, State, get_state
+from .deps import Key, State, state_of
 from .exec_registry import ServerExecution
 from .http_errors import error_body
 
@@ -25,7 +25,7 @@ CLOSE_UNAUTHENTICATED, CLOSE_NOT_FOUND, CLOSE_BUSY = 4401, 4404, 4409
 
 
 @router.post("/exec", status_code=201, response_model=models.ExecStarted)
-async def start(box: str, body: models.ExecRequest, request: Request, state: State, key: Key) -> dict[str, Any]:
+async def start(box: str, body: models.ExecRequest, state: State, key: Key) -> dict[str, Any]:
     target = await state.box(box, key)
     state.execs.reserve()
     try:
@@ -38,15 +38,13 @@ async def start(box: str, body: models.ExecRequest, request: Request, state: Sta
             timeout_secs=body.timeout_seconds,
             cwd=body.working_dir,
         )
-        started = ServerExecution(execution, target.id, key, state.config.exec_backlog_bytes)
-        state.execs.add(started)
+        started = state.execs.track(execution, target.id, key)
     finally:
         state.execs.release()
     if body.stdin is not None:
         await started.feed(body.stdin.encode())
         await started.feed(None)
-    if await request.is_disconnected():
-        state.execs.forget(started)  # nobody will ever know its id
+    # A client gone before it learns the id never attaches: the orphan timeout kills the command.
     return {"execution_id": started.id, "pid": started.pid}
 
 
@@ -94,7 +92,7 @@ async def _refuse(ws: WebSocket, error: BoxliteError, code: int) -> None:
 
 @router.websocket("/executions/{exec_id}/attach")
 async def attach(ws: WebSocket, box: str, exec_id: str) -> None:
-    state = get_state(ws)
+    state = state_of(ws)
     try:
         key = key_name(state.config.keys, ws.headers)
     except BoxliteError as e:

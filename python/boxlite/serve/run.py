@@ -19,6 +19,9 @@ from ..errors import InvalidArgumentError
 from .app import create_app
 from .config import ServeConfig, config_from_args, is_loopback
 
+#: Largest WebSocket message a client may send (stdin chunks; docs/serve.md).
+WS_MAX_MESSAGE = 1024 * 1024
+
 
 def check_bind(config: ServeConfig, host: str) -> None:
     if not config.keys and not is_loopback(host):
@@ -69,6 +72,9 @@ async def serve(
             log_level="warning",
             lifespan="on",
             ws="websockets-sansio",
+            ws_max_size=WS_MAX_MESSAGE,
+            ws_per_message_deflate=False,  # small frames on fast links: compressing costs more than it saves
+            proxy_headers=False,  # no proxy is trusted to name the client
             timeout_graceful_shutdown=5,
         )
     )

@@ -60,6 +60,7 @@ class ServeState:
         self.execs = ExecRegistry(config)
         self.tmp_root = Path(tempfile.mkdtemp(prefix="boxlite-serve-"))
         self._creating: Counter[str] = Counter()
+        self._handles: dict[str, Box] = {}  # by id: a lookup per request would cost more
 
     def close(self) -> None:
         shutil.rmtree(self.tmp_root, ignore_errors=True)
@@ -72,15 +73,23 @@ class ServeState:
         """Forgets owners of boxes that no longer exist (removed elsewhere, auto-removed);
         returns the ids that do exist."""
         existing = {info.id for info in await self.runtime.list_info()}
-        self.owners.drop(*[b for b in self.owners.boxes() if b not in existing])
+        gone = [b for b in self.owners.boxes() if b not in existing]
+        self.owners.drop(*gone)
+        self.forget_handles(*gone)
         return existing
 
     async def box(self, ref: str, key: str) -> Box:
         """The box ``ref`` (id or name) if ``key`` owns it; for anyone else it does not exist."""
-        box = await self.runtime.get(ref)
+        box = self._handles.get(ref) or await self.runtime.get(ref)
         if box is None or self.owners.owner(box.id) != key:
             raise BoxNotFoundError(f"no box has the id or name {ref!r}")
+        self._handles[box.id] = box
         return box
+
+    def forget_handles(self, *box_ids: str) -> None:
+        """After a box was removed (its id then names nothing)."""
+        for box_id in box_ids:
+            self._handles.pop(box_id, None)
 
     async def boxes_of(self, key: str) -> int:
         return len(self.owners.owned_by(key) & await self.prune()) + self._creating[key]
