@@ -18,6 +18,7 @@ from typing import Any
 
 import engine
 import network
+import remote
 from common import Figure, Ratio, ratio, read_text
 
 import boxlite
@@ -1152,4 +1153,6 @@ FIGURES: dict[str, Callable[[Ctx], Awaitable[list[Figure]]]] = {
     "volumes": fig_volumes,
     "disk_ops": fig_disk_ops,
     "interpreter": fig_interpreter,
+    "serve_exec_rtt": remote.fig_serve_exec_rtt,
+    "serve_concurrent_creates": remote.fig_serve_concurrent_creates,
 }
