@@ -625,6 +625,12 @@ def test_files_tar_round_trip(server: Server, alice: httpx.Client, box: str) -> 
     assert got["d/link"].issym() and got["d/link"].linkname == "a.txt"
     assert got["d/sub/up"].linkname == "../a.txt"
     assert (got["d/a.txt"].mode, got["d/sub/b.bin"].mode, got["d"].mode) == (0o640, 0o755, 0o750)
+    # Into an existing directory: merged, the directory keeps its mode (as `tar -C /tmp -x`).
+    assert put_tar(alice, box, "/tmp/", make_tar((member("merged.txt"), b"m"))).status_code == 204
+    assert run(server, alice, box, "stat", "-c", "%a", "/tmp").stdout == b"1777\n"
+    assert box_file(alice, box, "/tmp/merged.txt") == b"m"
+    assert put_tar(alice, box, "/tmp/made/by/empty", make_tar()).status_code == 204
+    assert exists_in_box(server, alice, box, "/tmp/made/by/empty")
     # Raw bytes both ways, with a mode; a cap below the file's size is refused.
     r = alice.put(f"/v1/default/boxes/{box}/files", params={"path": "/tmp/raw/f", "mode": "600"}, content=payload)
     assert r.status_code == 204, r.text

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
+from .._runtime import Box
 from ..errors import InvalidArgumentError
 from . import untar
 from .deps import Key, State
@@ -70,14 +71,23 @@ async def upload(
         root.mkdir(mode=0o755)
         await asyncio.to_thread(untar.unpack, archive, root, state.config.max_tar_members)
         archive.unlink()
-        if path.rstrip("/") == "":
-            for entry in sorted(os.listdir(root)):  # the root itself cannot be replaced
-                await target.copy_in(root / entry, "/" + entry)
-        else:
-            await target.copy_in(root, path.rstrip("/"))
+        await _copy_under(target, root, path.rstrip("/"))
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
     return Response(status_code=204)
+
+
+async def _copy_under(box: Box, root: Path, where: str) -> None:
+    """Each top-level member into ``where``, like ``tar -C where -x``: an existing directory
+    keeps its own mode and owner (copying ``root`` itself would replace them)."""
+    entries = sorted(os.listdir(root))
+    for entry in entries:
+        await box.copy_in(root / entry, f"{where}/{entry}")  # missing parents are created
+    if not entries and where:
+        try:
+            await box.list_dir(where)
+        except InvalidArgumentError:  # absent (or the image has no `find`): make it
+            await box.copy_in(root, where)
 
 
 def _tar_of(source: Path, name: str, out: Path) -> None:
