@@ -143,12 +143,13 @@ def bob(server: Server) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def box(alice: httpx.Client, image_layout: Path) -> Iterator[str]:
+def box(server: Server, alice: httpx.Client, image_layout: Path) -> Iterator[str]:
     """Alice's running box for the tests that do not change its lifecycle."""
     r = alice.post("/v1/default/boxes", json={"rootfs_path": str(image_layout), "memory_mib": 256})
     assert r.status_code == 201, r.text
     yield r.json()["id"]
-    alice.delete(f"/v1/default/boxes/{r.json()['id']}", params={"force": "true"})
+    if server.proc.poll() is None:  # the last test stops the server, and the box with it
+        alice.delete(f"/v1/default/boxes/{r.json()['id']}", params={"force": "true"})
 
 
 def error_of(r: httpx.Response, status: int, type_: str) -> str:
@@ -753,3 +754,18 @@ def test_api_conforms_to_its_schema(server: Server) -> None:
         tested.append(operation.label)
     assert len(tested) >= 18, tested
     assert len(calls) > 5 * len(tested) and 422 in calls and 404 in calls, calls
+
+
+# ---------------------------------------------------------------------------- last: shutdown
+
+
+def test_sigterm_ends_commands_clients_and_boxes(server: Server, alice: httpx.Client, box: str) -> None:
+    """The last test of the module: SIGTERM with a command running and its client attached."""
+    exec_id = start(alice, box, "sh", "-c", "echo ready; sleep 600")
+    with open_attach(server, box, exec_id) as ws:
+        read_all(ws, until=lambda a: a.stdout == b"ready\n")
+        server.proc.send_signal(signal.SIGTERM)
+        got = read_all(ws)  # the server closes the connection as it goes
+    assert got.close_code is not None and (got.end == {} or got.end["signal"] == 9), got
+    assert server.proc.wait(timeout=90) == 0, server.log.read_text()
+    assert not [p for p in engine_pids(str(server.home)) if pid_alive(p)]  # its boxes stopped with it
