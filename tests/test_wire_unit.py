@@ -95,6 +95,7 @@ def test_http_status_of_common_errors() -> None:
     assert errors.http_status(errors.InvalidArgumentError("x")) == 400
     assert errors.http_status(errors.ResourceExhaustedError("x")) == 429
     assert errors.http_status(errors.ExecTimeoutError("x")) == 504
+    assert errors.http_status(errors.ExecStartError("no such command")) == 400
     assert errors.http_status(errors.InternalError("x")) == 500
 
 

@@ -230,6 +230,7 @@ _HTTP_STATUS: tuple[tuple[type[BoxliteError], int], ...] = (
     (ResourceExhaustedError, 429),
     (UnsupportedError, 501),
     (ExecTimeoutError, 504),
+    (ExecStartError, 400),
     (BootTimeoutError, 504),
     (BoxLostError, 503),
     (UpstreamUnavailableError, 502),
