@@ -123,6 +123,10 @@ def _wait_for_slots(expected: int) -> None:
 def world(image_layout: Path) -> Iterator[World]:
     # Short: node homes hold sockets (the core moves them if a path is too long, but why make it).
     base = Path(tempfile.mkdtemp(prefix="blray-"))
+    # Ray's session files (logs, sockets, its address file) go here, not to /tmp/ray.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="blray-tmp-"))
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     wide = cluster.add_node(num_cpus=1, resources={"boxlite_slots": 2})
     narrow = cluster.add_node(num_cpus=1, resources={"boxlite_slots": 1})
@@ -152,6 +156,10 @@ def world(image_layout: Path) -> Iterator[World]:
             runtime.close()
         ray.shutdown()
         cluster.shutdown()
+        if saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmpdir
     leftovers = [pid for pid in engine_pids(str(base)) if pid_alive(pid)]
     for pid in leftovers:
         os.kill(pid, 9)
@@ -162,6 +170,7 @@ def world(image_layout: Path) -> Iterator[World]:
     ray_left = ray_session_pids(session, raylets)
     assert not ray_left, f"processes of the Ray session left running: {ray_left}"
     shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def options(image_layout: Path) -> boxlite.BoxOptions:
