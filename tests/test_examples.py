@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,15 +95,22 @@ def test_example_runs_as_is(name: str, home: Path, image_layout: Path) -> None:
         BOXLITE_EXAMPLE_IMAGE=str(image_layout),
         BOXLITE_EXAMPLE_PYTHON_IMAGE=str(python_layout()),
     )
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    # Ray's session files go to a short temporary directory (its socket paths are bounded)
+    # that is removed afterwards, not to /tmp/ray.
+    ray_tmp = tempfile.mkdtemp(prefix="blex-")
+    env["RAY_TMPDIR"] = ray_tmp
+    try:
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / name)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr
     position = 0
     for needle in EXPECTED[name]:
