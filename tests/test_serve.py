@@ -569,6 +569,117 @@ def test_concurrent_exec_limit(alice: httpx.Client, box: str) -> None:
     assert alice.post(f"/v1/default/boxes/{box}/exec", json={"command": "true"}).status_code == 201
 
 
+# ---------------------------------------------------------------------------- exec session
+
+
+def open_session(server: Server, key: str = KEY_A) -> ClientConnection:
+    url = server.url.replace("http://", "ws://") + "/v1/default/session"
+    return connect(url, additional_headers={"Authorization": f"Bearer {key}"})
+
+
+@dataclass
+class Tagged:
+    """What a session delivered, by tag."""
+
+    out: dict[int, bytes] = field(default_factory=dict)
+    err: dict[int, bytes] = field(default_factory=dict)
+    events: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def kinds(self, tag: int) -> list[str]:
+        return [e["type"] for e in self.events.get(tag, [])]
+
+
+def session_exec(ws: ClientConnection, tag: int, box: str, command: str, *args: str, **body: Any) -> None:
+    ws.send(json.dumps({"type": "exec", "tag": tag, "box": box, "command": command, "args": list(args), **body}))
+
+
+def read_session(ws: ClientConnection, seen: Tagged, until: Callable[[Tagged], bool]) -> Tagged:
+    while not until(seen):
+        message = ws.recv(timeout=60)
+        if isinstance(message, bytes):
+            tag, channel, data = int.from_bytes(message[:4], "big"), message[4], message[5:]
+            assert channel in (1, 2), message[:20]
+            into = seen.out if channel == 1 else seen.err
+            into[tag] = into.get(tag, b"") + data
+        else:
+            event = json.loads(message)
+            seen.events.setdefault(event["tag"], []).append(event)
+    return seen
+
+
+def test_session_carries_concurrent_commands(server: Server, alice: httpx.Client, box: str) -> None:
+    """Three commands at once on one socket (the server's limit), stdin and output interleaved
+    by tag; a fourth is refused with the limit's typed error; each ends with its own exit."""
+    assert alice.get("/v1/config").json()["capabilities"]["exec_session"] is True
+    echo = 'while read l; do echo "o$T:$l"; echo "e$T:$l" >&2; done; exit $T'
+    tags = (11, 12, 13)
+    with open_session(server) as ws:
+        seen = Tagged()
+        deadline = time.monotonic() + 30
+        while not all(seen.kinds(tag) == ["started"] for tag in tags):
+            # A command of an earlier test may still hold a slot for a moment: start again.
+            assert time.monotonic() < deadline, seen.events
+            for tag in tags:
+                if seen.kinds(tag) != ["started"]:
+                    seen.events.pop(tag, None)
+                    session_exec(ws, tag, box, "sh", "-c", echo, env={"T": str(tag)})
+            seen = read_session(ws, seen, lambda t: all(t.events.get(tag) for tag in tags))
+            if not all(seen.kinds(tag) == ["started"] for tag in tags):
+                time.sleep(0.5)
+        ids = {tag: seen.events[tag][0]["execution_id"] for tag in tags}
+        assert len(set(ids.values())) == 3
+        assert alice.get(f"/v1/default/boxes/{box}/executions/{ids[12]}").json()["status"] == "running"
+        session_exec(ws, 14, box, "true")
+        seen = read_session(ws, seen, lambda t: bool(t.events.get(14)))
+        assert seen.events[14][0]["error"]["type"] == "ResourceExhaustedError", seen.events[14]
+        for line in ("a", "b"):
+            for tag in reversed(tags):
+                ws.send(tag.to_bytes(4, "big") + f"{line}{tag}\n".encode())
+            want = {tag: b"".join(f"o{tag}:{x}{tag}\n".encode() for x in "ab"[: "ab".index(line) + 1]) for tag in tags}
+            seen = read_session(ws, seen, lambda t: all(t.out.get(tag) == want[tag] for tag in tags))  # noqa: B023
+        for tag in tags:
+            ws.send(json.dumps({"type": "stdin_eof", "tag": tag}))
+        seen = read_session(ws, seen, lambda t: all("exit" in t.kinds(tag) for tag in tags))
+    for tag in tags:
+        assert seen.err[tag] == f"e{tag}:a{tag}\ne{tag}:b{tag}\n".encode()
+        end = seen.events[tag][-1]
+        assert (end["type"], end["exit_code"], end["timed_out"]) == ("exit", tag, False), end
+
+
+def test_session_errors_arrive_typed(server: Server, box: str) -> None:
+    with open_session(server) as ws:
+        session_exec(ws, 1, "no-such-box", "true")
+        session_exec(ws, 2, box, "true", timeout_seconds=-1)
+        seen = read_session(ws, Tagged(), lambda t: bool(t.events.get(1) and t.events.get(2)))
+        assert seen.events[1][0]["error"]["type"] == "BoxNotFoundError", seen.events[1]
+        assert seen.events[2][0]["error"]["type"] == "InvalidArgumentError", seen.events[2]
+        assert "timeout_seconds" in seen.events[2][0]["error"]["message"]
+    with open_session(server, key=KEY_B) as ws:  # bob's session does not see alice's box
+        session_exec(ws, 1, box, "true")
+        seen = read_session(ws, Tagged(), lambda t: bool(t.events.get(1)))
+        assert seen.events[1][0]["error"]["type"] == "BoxNotFoundError", seen.events[1]
+    with open_session(server, key="nobody") as ws:
+        refusal = json.loads(ws.recv(timeout=30))
+        assert refusal["error"]["type"] == "AuthenticationError", refusal
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+        assert ws.close_code == 4401
+
+
+def test_a_closed_session_gets_its_commands_killed(server: Server, alice: httpx.Client, box: str) -> None:
+    ws = open_session(server)
+    session_exec(ws, 5, box, "sh", "-c", "echo ready; " + HEARTBEAT.format("/tmp/hb-session"))
+    seen = read_session(ws, Tagged(), lambda t: t.out.get(5) == b"ready\n")
+    exec_id = seen.events[5][0]["execution_id"]
+    ws.socket.shutdown(socket.SHUT_RDWR)  # gone without a close handshake
+    ws.socket.close()
+    deadline = time.monotonic() + 10
+    while alice.get(f"/v1/default/boxes/{box}/executions/{exec_id}").status_code == 200:
+        assert time.monotonic() < deadline, "the command of a closed session goes on"
+        time.sleep(0.1)
+    assert_heartbeat_stops(alice, box, "/tmp/hb-session")
+
+
 # ---------------------------------------------------------------------------- files
 
 

@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedError,
 )
 from .archive import extract_untrusted, first_kind, quoted, write_archive
-from .execution import RestExecution
+from .execution import RestExecution, RestOutputStream
 from .wire import env_dict
 
 if TYPE_CHECKING:
@@ -186,15 +186,20 @@ class RestBox:
         if tty is not None:
             rows, cols = tty
             body.update(tty=True, tty_rows=rows, tty_cols=cols)
+        shown = " ".join([program if program is not None else "(default command)", *argv])
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        session = await self._client.exec_session()
+        if session is not None:
+            channel = await session.start({**body, "box": self._id}, RestOutputStream(), RestOutputStream())
+            tagged_id, tagged_pid = await channel.started
+            return RestExecution(self._client, self._id, tagged_id, tagged_pid, shown, timeout_secs, channel)
         started = await self._client.request("POST", self._path("exec"), json_body=body, long=True)
         if not isinstance(started, dict):
             raise self._client.bad_reply("no execution for an exec")
         execution_id, pid = started.get("execution_id"), started.get("pid")
         if not isinstance(execution_id, str) or not isinstance(pid, int):
             raise self._client.bad_reply("an execution without an id or pid")
-        shown = " ".join([program if program is not None else "(default command)", *argv])
-        if len(shown) > 200:
-            shown = shown[:200] + "..."
         return RestExecution(self._client, self._id, execution_id, pid, shown, timeout_secs)
 
     # -- files ---------------------------------------------------------------------------------

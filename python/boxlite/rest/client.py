@@ -24,6 +24,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from ..errors import BoxliteError, UpstreamUnavailableError, error_from_wire
 from .options import BoxliteRestOptions
+from .session import ExecSession
 
 #: Bytes of a non-JSON error body quoted in the error message at most.
 _QUOTED_BODY = 300
@@ -60,6 +61,12 @@ class RestClient:
         ] = weakref.WeakKeyDictionary()
         self._sync: httpx.Client | None = None
         self._lock = threading.Lock()
+        # The exec session of each loop (opened at its first command, again if it dropped), and
+        # whether the server offers one (asked once, from /v1/config).
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Lock, list[ExecSession]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.session_offered: bool | None = None
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -92,7 +99,10 @@ class RestClient:
         ones); other loops' close when those loops end."""
         with self._lock:
             held = self._async.pop(asyncio.get_running_loop(), None)
+            sessions = self._sessions.pop(asyncio.get_running_loop(), None)
             sync, self._sync = self._sync, None
+        for session in sessions[1] if sessions is not None else []:
+            await session.close()
         if sync is not None:
             sync.close()
         if held is not None:
@@ -201,6 +211,32 @@ class RestClient:
             yield from response.iter_bytes()
         except httpx.HTTPError as e:
             raise self.unreachable(e, method, path) from e
+
+    # -- exec session ------------------------------------------------------------------------
+
+    async def exec_session(self) -> ExecSession | None:
+        """This loop's exec session, opened if need be; ``None`` if the server has none."""
+        if self.session_offered is None:
+            try:
+                config = await self.request("GET", "/v1/config")
+            except UpstreamUnavailableError:
+                raise
+            except BoxliteError:
+                config = None
+            capabilities = config.get("capabilities") if isinstance(config, dict) else None
+            self.session_offered = isinstance(capabilities, dict) and capabilities.get("exec_session") is True
+        if not self.session_offered:
+            return None
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            held = self._sessions.get(loop)
+            if held is None:
+                held = self._sessions[loop] = (asyncio.Lock(), [])
+        lock, current = held
+        async with lock:
+            if not current or not current[0].open:
+                current[:] = [ExecSession(self, await self.websocket(f"{self.root}/session"))]
+            return current[0]
 
     # -- WebSocket ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from ..errors import BoxliteError, ExecTimeoutError, InvalidArgumentError, Inval
 
 if TYPE_CHECKING:
     from .client import RestClient
+    from .session import Channel
 
 #: Stdin bytes per WebSocket message at most.
 STDIN_CHUNK = 64 * 1024
@@ -63,6 +64,10 @@ class RestStdinWriter:
     async def write(self, data: bytes) -> None:
         if self._closed:
             raise InvalidArgumentError("invalid argument `stdin`: stdin is already closed")
+        channel = self._execution._channel
+        if channel is not None:
+            await channel.send_stdin(data)
+            return
         ws = await self._execution._connection()
         view = memoryview(bytes(data))
         try:
@@ -75,6 +80,13 @@ class RestStdinWriter:
         if self._closed:
             return
         self._closed = True
+        channel = self._execution._channel
+        if channel is not None:
+            try:
+                await channel.send_eof()
+            except BoxliteError:
+                pass  # the session broke; wait() reports why
+            return
         try:
             ws = await self._execution._connection()
             await ws.send(json.dumps({"type": "stdin_eof"}))
@@ -89,7 +101,14 @@ class RestExecution:
     ``resize_tty``."""
 
     def __init__(
-        self, client: RestClient, box_id: str, execution_id: str, pid: int, command: str, timeout: float | None
+        self,
+        client: RestClient,
+        box_id: str,
+        execution_id: str,
+        pid: int,
+        command: str,
+        timeout: float | None,
+        channel: Channel | None = None,
     ) -> None:
         self._client = client
         self._box_id = box_id
@@ -97,17 +116,20 @@ class RestExecution:
         self._pid = pid
         self.command = command
         self._timeout = timeout
-        self._stdout: RestOutputStream | None = RestOutputStream()
-        self._stderr: RestOutputStream | None = RestOutputStream()
-        self._stdout_feed = self._stdout
-        self._stderr_feed = self._stderr
+        self._channel = channel
         self._stdin: RestStdinWriter | None = RestStdinWriter(self)
         loop = asyncio.get_running_loop()
         self._ws: asyncio.Future[ClientConnection] = loop.create_future()
-        self._end: asyncio.Future[dict[str, Any]] = loop.create_future()
-        for future in (self._ws, self._end):
-            future.add_done_callback(_retrieve)
-        self._pump = loop.create_task(self._run())
+        self._ws.add_done_callback(_retrieve)
+        if channel is not None:  # the exec session carries it
+            self._stdout_feed, self._stderr_feed, self._end = channel.stdout, channel.stderr, channel.end
+        else:
+            self._stdout_feed, self._stderr_feed = RestOutputStream(), RestOutputStream()
+            self._end = loop.create_future()
+            self._end.add_done_callback(_retrieve)
+            self._pump = loop.create_task(self._run())
+        self._stdout: RestOutputStream | None = self._stdout_feed
+        self._stderr: RestOutputStream | None = self._stderr_feed
 
     @property
     def id(self) -> str:

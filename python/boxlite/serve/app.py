@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from .._runtime import Boxlite
 from ..errors import ResourceExhaustedError
-from . import boxes, executions, files, http_errors, images, metrics, models
+from . import boxes, executions, files, http_errors, images, metrics, models, session
 from .config import ServeConfig
 from .deps import Key, State
 from .state import ServeState
@@ -87,6 +87,8 @@ async def server_config(state: State) -> dict[str, Any]:
             "export_enabled": False,
             "import_enabled": False,
             "host_paths_enabled": state.config.allow_host_paths,
+            # GET /v1/default/session: many commands over one WebSocket (docs/serve.md#exec-session).
+            "exec_session": True,
         },
         "limits": state.config.limits(),
     }
@@ -121,6 +123,14 @@ def create_app(runtime: Boxlite, config: ServeConfig) -> FastAPI:
     app.state.serve = state
     http_errors.install(app)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    for router in (public, boxes.router, executions.router, files.router, images.router, metrics.router):
+    for router in (
+        public,
+        boxes.router,
+        executions.router,
+        session.router,
+        files.router,
+        images.router,
+        metrics.router,
+    ):
         app.include_router(router, responses=ERRORS)
     return app

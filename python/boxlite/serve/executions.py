@@ -16,6 +16,7 @@ from .auth import key_name
 from .deps import Key, State, state_of
 from .exec_registry import ServerExecution
 from .http_errors import error_body
+from .state import ServeState
 
 log = logging.getLogger("boxlite.serve")
 router = APIRouter(prefix="/v1/default/boxes/{box}", tags=["executions"])
@@ -26,6 +27,14 @@ CLOSE_UNAUTHENTICATED, CLOSE_NOT_FOUND, CLOSE_BUSY = 4401, 4404, 4409
 
 @router.post("/exec", status_code=201, response_model=models.ExecStarted)
 async def start(box: str, body: models.ExecRequest, state: State, key: Key) -> dict[str, Any]:
+    started = await start_exec(state, box, body, key)
+    # A client gone before it learns the id never attaches: the orphan timeout kills the command.
+    return {"execution_id": started.id, "pid": started.pid}
+
+
+async def start_exec(state: ServeState, box: str, body: models.ExecRequest, key: str) -> ServerExecution:
+    """Starts a command in ``box`` (owned by ``key``) under the server's limits (also for the
+    exec session)."""
     target = await state.box(box, key)
     state.execs.reserve()
     try:
@@ -44,8 +53,7 @@ async def start(box: str, body: models.ExecRequest, state: State, key: Key) -> d
     if body.stdin is not None:
         await started.feed(body.stdin.encode())
         await started.feed(None)
-    # A client gone before it learns the id never attaches: the orphan timeout kills the command.
-    return {"execution_id": started.id, "pid": started.pid}
+    return started
 
 
 async def _find(state: State, box: str, exec_id: str, key: str) -> ServerExecution:
@@ -84,7 +92,7 @@ async def resize(box: str, exec_id: str, body: models.Resize, state: State, key:
 # ---------------------------------------------------------------------------- attach
 
 
-async def _refuse(ws: WebSocket, error: BoxliteError, code: int) -> None:
+async def refuse(ws: WebSocket, error: BoxliteError, code: int) -> None:
     await ws.accept()
     await ws.send_text(json.dumps({"type": "error", **error_body(error)}))
     await ws.close(code)
@@ -96,14 +104,14 @@ async def attach(ws: WebSocket, box: str, exec_id: str) -> None:
     try:
         key = key_name(state.config.keys, ws.headers)
     except BoxliteError as e:
-        return await _refuse(ws, e, CLOSE_UNAUTHENTICATED)
+        return await refuse(ws, e, CLOSE_UNAUTHENTICATED)
     try:
         execution = await _find(state, box, exec_id, key)
         execution.attach()
     except InvalidStateError as e:
-        return await _refuse(ws, e, CLOSE_BUSY)
+        return await refuse(ws, e, CLOSE_BUSY)
     except BoxliteError as e:
-        return await _refuse(ws, e, CLOSE_NOT_FOUND)
+        return await refuse(ws, e, CLOSE_NOT_FOUND)
     delivered = False
     try:
         await ws.accept()

@@ -193,6 +193,7 @@ class Capabilities(Reply):
     export_enabled: bool
     import_enabled: bool
     host_paths_enabled: bool
+    exec_session: bool = Field(False, description="GET /v1/default/session carries commands (docs/serve.md)")
 
 
 class ServerConfig(Reply):
