@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common import Figure, Ratio
 
@@ -92,7 +92,8 @@ async def exec_true(box: boxlite.Box) -> None:
 
 
 class RawClient:
-    """POST .../exec, then the WebSocket attach until the exit frame: the protocol by hand."""
+    """POST .../exec, then the WebSocket attach until the exit frame: the protocol by hand; and
+    the exec session (one socket for every exec)."""
 
     def __init__(self, server: ServerProcess, box_id: str) -> None:
         import httpx
@@ -103,6 +104,9 @@ class RawClient:
         self.box_id = box_id
         self.post_ms: list[float] = []
         self.attach_ms: list[float] = []
+        self.session_url = server.url.replace("http://", "ws://") + "/v1/default/session"
+        self.session: Any = None
+        self.tag = 0
 
     async def exec_true(self) -> None:
         from websockets.asyncio.client import connect
@@ -121,6 +125,22 @@ class RawClient:
                     break
         self.post_ms.append((t1 - t0) * 1000)
         self.attach_ms.append((t2 - t1) * 1000)
+
+    async def session_exec_true(self) -> None:
+        """The same over one long-lived exec session socket: an exec message, then its exit."""
+        from websockets.asyncio.client import connect
+
+        if self.session is None:
+            self.session = await connect(self.session_url, additional_headers=self.headers, compression=None)
+        self.tag += 1
+        await self.session.send(json.dumps({"type": "exec", "tag": self.tag, "box": self.box_id, "command": "true"}))
+        async for message in self.session:
+            if isinstance(message, str):
+                event = json.loads(message)
+                if event.get("tag") == self.tag and event.get("type") in ("exit", "error"):
+                    if event.get("exit_code") != 0:
+                        raise RuntimeError(f"`true` ended with {event}")
+                    return
 
     async def healthz(self) -> None:
         (await self.http.get("/healthz")).raise_for_status()
@@ -146,6 +166,9 @@ async def fig_serve_exec_rtt(ctx: Ctx) -> list[Figure]:
     server = await started_server(ctx, "serve-rtt")
     local_rt = boxlite.Boxlite(boxlite.Options(templates=False, home_dir=await ctx.cached_home()))
     remote_rt = server.runtime()
+    # A second client that does not use the exec session: POST .../exec + an attach per exec.
+    legacy_rt = server.runtime()
+    legacy_rt._native.client.session_offered = False
     boxes: list[boxlite.Box] = []
     raw: RawClient | None = None
     try:
@@ -153,10 +176,14 @@ async def fig_serve_exec_rtt(ctx: Ctx) -> list[Figure]:
         boxes.append(local)
         remote = await remote_rt.create(ctx.options())
         boxes.append(remote)
+        legacy = await legacy_rt.get(remote.id)
+        assert legacy is not None
         raw = RawClient(server, remote.id)
         ways: dict[str, Callable[[], Awaitable[None]]] = {
             "local_ms": lambda: exec_true(local),
             "rest_client_ms": lambda: exec_true(remote),
+            "rest_client_post_attach_ms": lambda: exec_true(legacy),
+            "raw_session_ms": raw.session_exec_true,
             "raw_http_ws_ms": raw.exec_true,
             "http_get_healthz_ms": raw.healthz,
         }
@@ -178,14 +205,21 @@ async def fig_serve_exec_rtt(ctx: Ctx) -> list[Figure]:
         me, served = os.getpid(), server.proc.pid
         fig.extra["cpu_ms_per_exec"] = {
             "local (this process)": (await cpu_per_call(ways["local_ms"], calls, [me]))[0],
-            "rest_client (client, server)": await cpu_per_call(ways["rest_client_ms"], calls, [me, served]),
+            "rest_client, session (client, server)": await cpu_per_call(ways["rest_client_ms"], calls, [me, served]),
+            "rest_client, POST+attach (client, server)": await cpu_per_call(
+                ways["rest_client_post_attach_ms"], calls, [me, served]
+            ),
+            "raw_session (client, server)": await cpu_per_call(ways["raw_session_ms"], calls, [me, served]),
             "raw_http_ws (client, server)": await cpu_per_call(ways["raw_http_ws_ms"], calls, [me, served]),
         }
+        fig.extra["load_average"] = os.getloadavg()
     finally:
         for box in boxes:
             await box.stop()
         if raw is not None:
             await raw.http.aclose()
+            if raw.session is not None:
+                await raw.session.close()
         await server.stop()
         await local_rt.close()
     for name, values in times.items():
@@ -193,7 +227,7 @@ async def fig_serve_exec_rtt(ctx: Ctx) -> list[Figure]:
     for name, values in split.items():
         fig.add(name, values, "ms")
     local_p50 = fig.median("local_ms") or 0.0
-    for name in ("rest_client_ms", "raw_http_ws_ms"):
+    for name in ("rest_client_ms", "rest_client_post_attach_ms", "raw_session_ms", "raw_http_ws_ms"):
         over = fig.median(name)
         fig.ratios.append(
             Ratio(
@@ -206,10 +240,11 @@ async def fig_serve_exec_rtt(ctx: Ctx) -> list[Figure]:
         )
     fig.notes.append(
         "two boxes of the demo image (1 vCPU, 256 MiB), one in this process, one in the server's; each "
-        "iteration runs every way once, in rotating order; rest_client is Boxlite.rest (exec, then wait: "
-        "POST .../exec and a WebSocket attach until the exit frame); raw_http_ws is the same protocol by hand "
-        "(httpx keep-alive + a new WebSocket per exec), split into POST and attach-to-exit; http_get_healthz "
-        "is the framework's floor (one keep-alive GET)"
+        "iteration runs every way once, in rotating order; rest_client is Boxlite.rest (exec, then wait) over "
+        "its exec session (one WebSocket per event loop carrying every exec); rest_client_post_attach is the "
+        "same client without the session (POST .../exec and a new WebSocket attach until the exit frame); "
+        "raw_session and raw_http_ws are the two protocols by hand, the latter split into POST and "
+        "attach-to-exit; http_get_healthz is the framework's floor (one keep-alive GET)"
     )
     return [fig]
 
