@@ -125,6 +125,10 @@ class ExecSession:
         except BoxliteError as e:
             reason = str(e)
             await self.ws.close()
+        except asyncio.CancelledError:
+            reason = "its event loop ended"
+            self.ws.transport.close()  # the loop ends (asyncio.run): no close handshake to wait for
+            raise
         finally:
             channels, self._channels = self._channels, {}
             for channel in channels.values():
