@@ -276,11 +276,32 @@ def test_exec_and_copy_from_a_remote_task(world: World) -> None:
     assert hostname == box.exec("cat", ["/etc/hostname"]).wait().stdout.strip()
 
 
+def test_a_vm_lost_on_a_live_node_is_not_a_lost_box(world: World, image_layout: Path) -> None:
+    box = world.boxes["wide"]
+    sleeping = box.exec("sleep", ["600"])
+    vms = engine_pids(str(world.base / world.wide[:16]))
+    assert len(vms) == 1, "the node should run this box's VM alone"
+    os.kill(vms[0], 9)
+    with pytest.raises(boxlite.GuestProtocolError):
+        sleeping.wait()
+    assert not box.is_lost()  # its runtime still answers: the box is there, its VM is not
+    with pytest.raises(boxlite.BoxNotFoundError):
+        box.info()  # an auto-removed box whose VM ended is gone, as locally
+    replacement = world.runtime.create(options(image_layout), node_id=world.wide)
+    assert replacement.exec("echo", ["back"]).wait().stdout == "back\n"
+    world.boxes["wide"] = replacement
+
+
 def test_killed_runtime_actor_makes_its_boxes_lost(world: World, image_layout: Path) -> None:
     box = world.boxes["narrow"]
     home = world.base / world.narrow[:16]
-    assert engine_pids(str(home)), "the box's VM should be running before the kill"
+    vms = engine_pids(str(home))
+    assert vms, "the box's VM should be running before the kill"
     sleeping = box.exec("sleep", ["600"])
+    # Ray kills an actor's child processes before the actor, so its server may report the VM's
+    # end before it goes; kill the VM first to make that order certain.
+    for pid in vms:
+        os.kill(pid, 9)
     ray.kill(ray.get_actor(actor_name(world.narrow), namespace="boxlite"), no_restart=True)
 
     with pytest.raises(BoxLostError):

@@ -14,7 +14,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .._native import BoxInfo, BoxMetrics, CopyOptions, ExecResult
 from .._runtime import Box, Boxlite, EnvLike, Execution, PathLike
-from ..errors import AuthenticationError, BoxLostError, BoxNotFoundError, UpstreamUnavailableError
+from ..errors import (
+    AuthenticationError,
+    BoxLostError,
+    BoxNotFoundError,
+    GuestProtocolError,
+    UpstreamUnavailableError,
+)
 from ._actor import NodeAddress
 
 if TYPE_CHECKING:
@@ -32,6 +38,13 @@ WATCH_INTERVAL = 10.0
 #: Failures after which the node's runtime may be gone: the server cannot be reached, or a
 #: different server (another key) now listens on its port.
 _UNREACHABLE = (UpstreamUnavailableError, AuthenticationError, OSError)
+#: Failures that may mean the node's runtime is gone, or is going: the above, or the box's VM
+#: lost mid-call.
+_MAYBE_LOST = (*_UNREACHABLE, GuestProtocolError)
+#: Seconds a guest connection lost is given to turn out as the runtime's death: Ray kills a
+#: worker's child processes (the boxes' VMs) a moment before the worker itself, so the server
+#: may still report the VM's end before it goes.
+DYING_GRACE = 3.0
 
 
 async def ray_result(ref: Any, timeout: float) -> Any:
@@ -142,6 +155,12 @@ class RayBox:
                 self._lost = str(cause)
             elif isinstance(cause, _UNREACHABLE):
                 await self._check()
+            elif isinstance(cause, GuestProtocolError):
+                deadline = asyncio.get_running_loop().time() + DYING_GRACE
+                await self._check()
+                while self._lost is None and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(DYING_GRACE / 6)
+                    await self._check()
         return None if self._lost is None else BoxLostError(self._lost)
 
     async def _check(self) -> None:
@@ -163,7 +182,7 @@ class RayBox:
                 f"{self._timeout:g} s"
             )
             raise (await self._lost_error(late) or late) from None
-        except _UNREACHABLE as error:
+        except _MAYBE_LOST as error:
             lost = await self._lost_error(error)
             if lost is None:
                 raise
@@ -263,7 +282,7 @@ class _WatchedStream:
             chunk: bytes = await self._stream.__anext__()
         except StopAsyncIteration:
             raise
-        except _UNREACHABLE as error:
+        except _MAYBE_LOST as error:
             lost = await self._box._lost_error(error)
             if lost is None:
                 raise
@@ -308,7 +327,7 @@ class _WatchedExecution:
                 if not waiting.done() and await self._box.is_lost():
                     raise BoxLostError(cast(str, self._box._lost))
             return cast(ExecResult, waiting.result())
-        except _UNREACHABLE as error:
+        except _MAYBE_LOST as error:
             lost = await self._box._lost_error(error)
             if lost is None:
                 raise
