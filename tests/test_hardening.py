@@ -483,7 +483,8 @@ async def test_deadlines_of_calls_the_agent_never_answers(
         ("wrong-version", (boxlite.GuestProtocolError,), 10),
         ("ready-twice", (boxlite.GuestProtocolError,), 10),
         ("exit-after-ready", (boxlite.GuestProtocolError, boxlite.EngineUnavailableError), 10),
-        ("silent-after-ready", (boxlite.GuestProtocolError,), REQUEST_TIMEOUT),
+        # Ready within the boot timeout, then the Configure request's own timeout.
+        ("silent-after-ready", (boxlite.GuestProtocolError,), 10 + REQUEST_TIMEOUT),
     ],
 )
 async def test_an_agent_that_fails_before_serving_fails_the_create_and_leaves_nothing(
