@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._native import (
     BoxInfo,
@@ -213,11 +213,52 @@ class SyncSnapshots:
         _run(_call(lambda: self._handle.restore(name)))
 
 
-class SyncBox:
-    """Blocking twin of ``Box``; ``with box:`` stops it at the end."""
+class _AsyncBox(Protocol):
+    """What a blocking box needs of the async box behind it: ``Box``, or ``boxlite.ray.RayBox``."""
 
-    def __init__(self, box: Box) -> None:
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def default_command(self) -> list[str]: ...
+    async def exec(
+        self,
+        command: str | None = None,
+        args: Iterable[str] | None = None,
+        env: EnvLike = None,
+        tty: bool | tuple[int, int] | None = None,
+        user: str | None = None,
+        timeout_secs: float | None = None,
+        cwd: str | None = None,
+    ) -> Execution: ...
+    async def copy_in(self, host_path: PathLike, box_path: str, copy_options: CopyOptions | None = None) -> None: ...
+    async def copy_out(
+        self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None, max_bytes: int | None = None
+    ) -> None: ...
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes: ...
+    async def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None: ...
+    async def list_dir(self, path: str) -> list[str]: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def metrics(self) -> BoxMetrics: ...
+
+
+_B = TypeVar("_B", bound=_AsyncBox)
+_SB = TypeVar("_SB", bound="_SyncBoxCalls[Any]")
+
+
+class _SyncBoxCalls(Generic[_B]):
+    """The blocking calls every box offers, each run on the private loop; ``with box:`` stops
+    it at the end. ``SyncBox`` and ``boxlite.ray.SyncRayBox`` add their own."""
+
+    def __init__(self, box: _B) -> None:
         self._box = box
+
+    @property
+    def box(self) -> _B:
+        """The async box behind this one."""
+        return self._box
 
     @property
     def id(self) -> str:
@@ -228,20 +269,8 @@ class SyncBox:
         return self._box.name
 
     @property
-    def dir(self) -> Path:
-        return self._box.dir
-
-    @property
     def default_command(self) -> list[str]:
         return self._box.default_command
-
-    @property
-    def box(self) -> Box:
-        """The async ``Box`` behind this one."""
-        return self._box
-
-    def info(self) -> BoxInfo:
-        return self._box.info()
 
     def exec(
         self,
@@ -287,6 +316,28 @@ class SyncBox:
     def metrics(self) -> BoxMetrics:
         return _run(self._box.metrics())
 
+    def __enter__(self: _SB) -> _SB:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Sync{self._box!r}"
+
+
+class SyncBox(_SyncBoxCalls[Box]):
+    """Blocking twin of ``Box``; ``with box:`` stops it at the end."""
+
+    @property
+    def dir(self) -> Path:
+        return self._box.dir
+
+    def info(self) -> BoxInfo:
+        return self._box.info()
+
     def pause(self) -> None:
         _run(self._box.pause())
 
@@ -305,17 +356,6 @@ class SyncBox:
 
     def export(self, *, options: ExportOptions | None = None, dest: PathLike) -> str:
         return _run(self._box.export(options=options, dest=dest))
-
-    def __enter__(self) -> SyncBox:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"Sync{self._box!r}"
 
 
 class SyncImages:

@@ -4,39 +4,22 @@ loop, as ``boxlite.SyncBoxlite`` does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from .._native import BoxInfo, BoxMetrics, BoxOptions, CopyOptions
-from .._runtime import EnvLike, PathLike
-from ..sync import SyncExecution, _run
+from .._native import BoxInfo, BoxOptions
+from ..sync import _run, _SyncBoxCalls
 from ._handle import DEFAULT_TIMEOUT, RayBox
 from ._placement import SLOTS_RESOURCE, NodeCapacity
 from ._runtime import DEFAULT_NAMESPACE, START_TIMEOUT, RayBoxlite
 
 
-class SyncRayBox:
+class SyncRayBox(_SyncBoxCalls[RayBox]):
     """Blocking twin of ``RayBox``; picklable like it (pass it to tasks)."""
-
-    def __init__(self, box: RayBox) -> None:
-        self._box = box
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (SyncRayBox, (self._box,))
-
-    @property
-    def box(self) -> RayBox:
-        """The async handle behind this one."""
-        return self._box
-
-    @property
-    def id(self) -> str:
-        return self._box.id
-
-    @property
-    def name(self) -> str | None:
-        return self._box.name
 
     @property
     def node_id(self) -> str:
@@ -46,65 +29,11 @@ class SyncRayBox:
     def url(self) -> str:
         return self._box.url
 
-    @property
-    def default_command(self) -> list[str]:
-        return self._box.default_command
-
     def is_lost(self) -> bool:
         return _run(self._box.is_lost())
 
     def info(self) -> BoxInfo:
         return _run(self._box.info())
-
-    def exec(
-        self,
-        command: str | None = None,
-        args: Iterable[str] | None = None,
-        env: EnvLike = None,
-        tty: bool | tuple[int, int] | None = None,
-        user: str | None = None,
-        timeout_secs: float | None = None,
-        cwd: str | None = None,
-    ) -> SyncExecution:
-        execution = _run(self._box.exec(command, args, env, tty, user, timeout_secs, cwd))
-        return SyncExecution(execution)
-
-    def copy_in(self, host_path: PathLike, box_path: str, copy_options: CopyOptions | None = None) -> None:
-        _run(self._box.copy_in(host_path, box_path, copy_options))
-
-    def copy_out(
-        self, box_path: str, host_path: PathLike, copy_options: CopyOptions | None = None, max_bytes: int | None = None
-    ) -> None:
-        _run(self._box.copy_out(box_path, host_path, copy_options, max_bytes))
-
-    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
-        return _run(self._box.read_file(path, max_bytes))
-
-    def write_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        _run(self._box.write_file(path, data, mode))
-
-    def list_dir(self, path: str) -> list[str]:
-        return _run(self._box.list_dir(path))
-
-    def start(self) -> None:
-        _run(self._box.start())
-
-    def stop(self) -> None:
-        _run(self._box.stop())
-
-    def metrics(self) -> BoxMetrics:
-        return _run(self._box.metrics())
-
-    def __enter__(self) -> SyncRayBox:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"Sync{self._box!r}"
 
 
 class SyncRayBoxlite:
