@@ -7,6 +7,9 @@ from typing import Any, final
 __all__ = [
     "__version__",
     "accelerator",
+    "_check_box_path",
+    "_extract_untrusted",
+    "_first_entry_kind",
     "_drain_at_exit",
     "_error_examples",
     "_raise_example",
@@ -51,6 +54,11 @@ _EnvArg = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 def accelerator() -> tuple[str, str]: ...
 def _drain_at_exit() -> None: ...
+def _first_entry_kind(chunks: Iterable[bytes]) -> str: ...
+def _check_box_path(field: str, path: str) -> None: ...
+def _extract_untrusted(
+    chunks: Iterable[bytes], root: str | PathLike[str], expected: str, recursive: bool, max_bytes: int
+) -> None: ...
 
 # Test hooks (the `test-hooks` cargo feature; absent from release wheels).
 def _error_examples() -> list[tuple[str, str]]: ...

@@ -1,8 +1,9 @@
 """A box of a remote runtime, in the shape of ``_native.NativeBox`` (``boxlite.Box`` wraps it).
 
-File copies travel as tar archives over the files route; the checks the core makes on the
-host side of a copy (the source, the destination, the options) are made here the same way,
-with the same messages, and what comes back is extracted by ``archive.extract_untrusted``.
+File copies travel as tar archives over the files route. The core checks the path in the box
+and reads what comes back (``_native._check_box_path``, ``_native._extract_untrusted``: the
+same code as a local copy); the host side of a copy (the source, the destination, the options)
+is checked here the same way as the core does, with the same messages.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar
 
-from .._native import BoxInfo, BoxMetrics, CopyOptions
+from .._native import BoxInfo, BoxMetrics, CopyOptions, _check_box_path, _extract_untrusted, _first_entry_kind
 from ..errors import (
     AlreadyExistsError,
     BoxliteError,
     BoxliteIOError,
+    GuestProtocolError,
     InvalidArgumentError,
     UnsupportedError,
 )
-from .archive import extract_untrusted, first_kind, quoted, write_archive
+from .archive import quoted, write_archive
 from .execution import RestExecution, RestOutputStream
 from .wire import env_dict
 
@@ -56,24 +58,6 @@ def validate_box_path(field: str, path: str) -> None:
         raise _invalid(field, f"{quoted(path)} must be an absolute path inside the box")
     if "\0" in path:
         raise _invalid(field, "contains a NUL byte")
-
-
-def check_reachable(field: str, path: str) -> None:
-    """Paths in the box's /proc, /sys and /dev are refused, as locally (copies see the disk)."""
-    parts: list[str] = []
-    for part in path.split("/"):
-        if part == "..":
-            if parts:
-                parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    if parts and parts[0] in ("proc", "sys", "dev"):
-        shown = quoted(path)[1:-1]
-        raise _invalid(
-            field,
-            f"{quoted(path)} is in the box's /{parts[0]}, which file copies do not reach (they work on the box's "
-            f"disk only); use exec instead, e.g. `cat {shown}` or `sh -c 'echo ... > {shown}'`",
-        )
 
 
 def split_destination(dest: str, source_name: str, is_dir: bool) -> tuple[str, str]:
@@ -208,8 +192,7 @@ class RestBox:
         self, host_path: str | os.PathLike[str], box_path: str, options: CopyOptions | None = None
     ) -> None:
         options = options or CopyOptions()
-        validate_box_path("dest", box_path)
-        check_reachable("dest", box_path)
+        _check_box_path("dest", box_path)
         if not options.overwrite:
             raise UnsupportedError("not supported: copy_in with overwrite=False (the box replaces existing files)")
         src = Path(os.fspath(host_path))
@@ -252,7 +235,7 @@ class RestBox:
                 with self._client.stream_sync(
                     "GET", self._path("files"), params={"path": box_path}, headers={"Accept": TAR}
                 ) as chunks:
-                    return first_kind(_until_cancelled(chunks, cancelled))
+                    return _first_entry_kind(_until_cancelled(chunks, cancelled))
             except BoxliteError:
                 return "other"  # missing, or unreadable: the copy itself meets it and says so
 
@@ -266,8 +249,7 @@ class RestBox:
         max_bytes: int | None = None,
     ) -> None:
         options = options or CopyOptions()
-        validate_box_path("src", box_path)
-        check_reachable("src", box_path)
+        _check_box_path("src", box_path)
         if options.follow_symlinks:
             raise UnsupportedError(
                 "not supported: copy_out with follow_symlinks=True (links in the box are copied as links)"
@@ -289,15 +271,13 @@ class RestBox:
             try:
                 with self._client.stream_sync("GET", self._path("files"), params=params, headers={"Accept": TAR}) as c:
                     try:
-                        extract_untrusted(
-                            _until_cancelled(c, cancelled),
-                            staging,
-                            source_name,
-                            recursive=options.recursive,
-                            max_bytes=limit,
+                        _extract_untrusted(
+                            _until_cancelled(c, cancelled), staging, source_name, options.recursive, limit
                         )
                     except OSError as e:
                         raise _io_error(f"extracting {source_name} into {staging}", e) from None
+                if not os.path.lexists(staging / source_name):
+                    raise GuestProtocolError(f"guest protocol error: the box sent no {quoted(source_name)}")
                 _replace(staging / source_name, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@
 //! the Python package re-exports them and adds idioms, never rules.
 
 mod advanced;
+mod archive;
 mod drain;
 mod errors;
 mod exec;
@@ -58,6 +59,9 @@ mod hooks {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", boxlite::VERSION)?;
     m.add_function(wrap_pyfunction!(accelerator, m)?)?;
+    m.add_function(wrap_pyfunction!(archive::_check_box_path, m)?)?;
+    m.add_function(wrap_pyfunction!(archive::_extract_untrusted, m)?)?;
+    m.add_function(wrap_pyfunction!(archive::_first_entry_kind, m)?)?;
     #[cfg(feature = "test-hooks")]
     {
         m.add_function(wrap_pyfunction!(hooks::_error_examples, m)?)?;

@@ -68,6 +68,13 @@ pub const COPY_OUT_LIMIT: u64 = 1024 * 1024 * 1024;
 /// Runs of zeros this long (and aligned) are left as holes when a file is written on the host.
 const HOLE_BLOCK: usize = 4096;
 
+/// The checks every copy makes of its path in the box (absolute, no NUL, on the box's disk),
+/// for backends that move the bytes by other means (the Python package's REST client).
+pub fn check_box_path(field: &str, path: &str) -> BoxliteResult<()> {
+    crate::options::validate_box_path(field, path)?;
+    check_reachable(field, path)
+}
+
 /// Refuses paths in the box's `/proc`, `/sys` and `/dev`: the agent's copy helper sees the box's
 /// disk only (the box's commands see the kernel's filesystems and a fresh /dev mounted over
 /// those directories), so a write there would land on the disk beneath, invisible, and a read
@@ -157,6 +164,36 @@ async fn probe(client: &AgentClient, path: &str) -> BoxliteResult<Found> {
 
 /// Archive bytes a probe reads at most to find the first entry (long names come first).
 const PROBE_LIMIT: usize = 256 * 1024;
+
+/// What the first entry of the tar stream `input` is: `"directory"`, `"file"`, `"symlink"` or
+/// `"other"` (also for an empty stream), reading at most [`PROBE_LIMIT`] bytes and headers;
+/// for backends that probe a box path by other means (the Python package's REST client).
+pub fn first_entry_kind(mut input: impl Read) -> BoxliteResult<&'static str> {
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(found) = first_entry_type(&head) {
+            return Ok(match found? {
+                Found::Directory => "directory",
+                Found::File => "file",
+                Found::Symlink => "symlink",
+                Found::Missing | Found::Unknown | Found::Special => "other",
+            });
+        }
+        if head.len() >= PROBE_LIMIT {
+            return Err(BoxliteError::protocol(format!(
+                "a bad archive: no entry in its first {PROBE_LIMIT} bytes"
+            )));
+        }
+        let n = input
+            .read(&mut buf)
+            .map_err(|e| BoxliteError::io("reading the archive", e))?;
+        if n == 0 {
+            return Ok("other");
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+}
 
 /// The kind of the first entry of a tar stream's beginning `head`; `None` while more bytes are
 /// needed.
@@ -676,7 +713,7 @@ fn copy_error(kind: boxlite_proto::ErrorKind, message: String) -> BoxliteError {
 
 /// What [`extract_untrusted`] accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ExtractLimits {
+pub struct ExtractLimits {
     /// Directories are accepted.
     pub recursive: bool,
     /// Regular-file bytes written at most, added up over the archive.
@@ -687,7 +724,7 @@ pub(crate) struct ExtractLimits {
 /// plain names, anything but files, directories and links, and more than `limits.max_bytes`
 /// of file content (checked at each header, before the file is written). Regular files are
 /// written with holes where their content has runs of zeros.
-pub(crate) fn extract_untrusted(
+pub fn extract_untrusted(
     input: impl Read,
     root: &Path,
     expected: &str,
@@ -699,19 +736,38 @@ pub(crate) fn extract_untrusted(
             bounded(&why, MESSAGE_LIMIT)
         ))
     };
-    let mut archive = tar::Archive::new(input);
+    let meter = std::rc::Rc::new(std::cell::Cell::new(None));
+    let mut archive = tar::Archive::new(HeaderBudget {
+        inner: input,
+        left: meter.clone(),
+    });
     archive.set_preserve_permissions(false);
     archive.set_preserve_ownerships(false);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
-    let entries = archive
+    let mut entries = archive
         .entries()
         .map_err(|e| BoxliteError::io("reading the archive from the box", e))?;
     let mut written: u64 = 0;
     let mut buf = vec![0u8; 16 * HOLE_BLOCK];
-    for entry in entries {
-        let mut entry =
-            entry.map_err(|e| BoxliteError::io("reading the archive from the box", e))?;
+    loop {
+        // The tar reader keeps long names and pax records in memory: bound what it reads
+        // between two entries.
+        meter.set(Some(HEADER_BUDGET));
+        let next = entries.next();
+        let over = meter.get() == Some(0);
+        meter.set(None);
+        let Some(entry) = next else { break };
+        let mut entry = entry.map_err(|e| {
+            if over {
+                bad(format!(
+                    "headers of more than {HEADER_BUDGET} bytes before one entry (a long name or \
+                     extended header that large is not a file name)"
+                ))
+            } else {
+                BoxliteError::io("reading the archive from the box", e)
+            }
+        })?;
         let path = entry.path().map_err(|e| bad(e.to_string()))?.into_owned();
         if !plain_relative(&path)
             || path.components().next() != Some(Component::Normal(expected.as_ref()))
@@ -771,6 +827,31 @@ pub(crate) fn extract_untrusted(
         }
     }
     Ok(())
+}
+
+/// Bytes the tar reader may take between two entries: their headers, long names and pax
+/// records (which it keeps in memory), and the padding of the entry before.
+const HEADER_BUDGET: u64 = 64 * 1024;
+
+/// A reader that, while `left` is `Some`, gives at most that many more bytes, then fails.
+struct HeaderBudget<R> {
+    inner: R,
+    left: std::rc::Rc<std::cell::Cell<Option<u64>>>,
+}
+
+impl<R: Read> Read for HeaderBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(left) = self.left.get() else {
+            return self.inner.read(buf);
+        };
+        if left == 0 {
+            return Err(std::io::Error::other("over the header budget"));
+        }
+        let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..take])?;
+        self.left.set(Some(left - n as u64));
+        Ok(n)
+    }
 }
 
 /// Writes one regular file of the archive at `root/rel` (a plain relative path): its parent
@@ -1141,6 +1222,58 @@ mod tests {
         lie.extend_from_slice(&[0u8; 1024]);
         let err = extract_untrusted(lie.as_slice(), dir.path(), "out", limits()).unwrap_err();
         assert_eq!(err.kind(), "invalid_argument", "{err}");
+    }
+
+    /// Panics when read past `limit` bytes: proves a reader stopped before content it must
+    /// not take.
+    struct Tripwire<'a> {
+        data: &'a [u8],
+        limit: usize,
+        at: usize,
+    }
+
+    impl Read for Tripwire<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            assert!(self.at < self.limit, "read past byte {}", self.limit);
+            let n = buf.len().min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn huge_long_names_and_pax_headers_are_refused_unread() {
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut h = raw_header("././@LongLink", kind, 1 << 40, "");
+            h.set_cksum();
+            let mut data = h.as_bytes().to_vec();
+            data.resize(512 + 4 * 1024 * 1024, b'a');
+            let input = Tripwire {
+                data: &data,
+                limit: 512 + HEADER_BUDGET as usize,
+                at: 0,
+            };
+            let err = extract_untrusted(input, dir.path(), "out", limits()).unwrap_err();
+            assert!(err.to_string().contains("headers of more than"), "{err}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn first_entry_kind_skips_long_names() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        let long = format!("d{}", "x".repeat(300));
+        b.append_data(&mut h, &long, std::io::empty()).unwrap();
+        let archive = b.into_inner().unwrap();
+        assert_eq!(first_entry_kind(archive.as_slice()).unwrap(), "directory");
+        assert_eq!(first_entry_kind(&b"short"[..]).unwrap(), "other");
+        assert_eq!(first_entry_kind(std::io::empty()).unwrap(), "other");
     }
 
     #[test]

@@ -37,7 +37,10 @@ mod vm;
 pub mod vmm;
 
 pub use boxlite_proto::{ExecTrace, TtySize};
-pub use copy::{CopyOptions, READ_FILE_LIMIT};
+pub use copy::{
+    check_box_path, extract_untrusted, first_entry_kind, CopyOptions, ExtractLimits,
+    COPY_OUT_LIMIT, READ_FILE_LIMIT,
+};
 pub use error::{
     BoxliteError, BoxliteResult, DiskError, EngineError, ExecError, GuestError, ImageError,
     NetworkError, StateError, StorageError,
