@@ -736,11 +736,8 @@ pub fn extract_untrusted(
             bounded(&why, MESSAGE_LIMIT)
         ))
     };
-    let meter = std::rc::Rc::new(std::cell::Cell::new(None));
-    let mut archive = tar::Archive::new(HeaderBudget {
-        inner: input,
-        left: meter.clone(),
-    });
+    let (input, meter) = crate::tarlimit::budgeted(input);
+    let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(false);
     archive.set_preserve_ownerships(false);
     archive.set_unpack_xattrs(false);
@@ -751,19 +748,11 @@ pub fn extract_untrusted(
     let mut written: u64 = 0;
     let mut buf = vec![0u8; 16 * HOLE_BLOCK];
     loop {
-        // The tar reader keeps long names and pax records in memory: bound what it reads
-        // between two entries.
-        meter.set(Some(HEADER_BUDGET));
-        let next = entries.next();
-        let over = meter.get() == Some(0);
-        meter.set(None);
-        let Some(entry) = next else { break };
+        let step = crate::tarlimit::next_entry(&meter, &mut entries);
+        let Some(entry) = step.entry else { break };
         let mut entry = entry.map_err(|e| {
-            if over {
-                bad(format!(
-                    "headers of more than {HEADER_BUDGET} bytes before one entry (a long name or \
-                     extended header that large is not a file name)"
-                ))
+            if step.over_budget {
+                bad(e.to_string())
             } else {
                 BoxliteError::io("reading the archive from the box", e)
             }
@@ -827,31 +816,6 @@ pub fn extract_untrusted(
         }
     }
     Ok(())
-}
-
-/// Bytes the tar reader may take between two entries: their headers, long names and pax
-/// records (which it keeps in memory), and the padding of the entry before.
-const HEADER_BUDGET: u64 = 64 * 1024;
-
-/// A reader that, while `left` is `Some`, gives at most that many more bytes, then fails.
-struct HeaderBudget<R> {
-    inner: R,
-    left: std::rc::Rc<std::cell::Cell<Option<u64>>>,
-}
-
-impl<R: Read> Read for HeaderBudget<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let Some(left) = self.left.get() else {
-            return self.inner.read(buf);
-        };
-        if left == 0 {
-            return Err(std::io::Error::other("over the header budget"));
-        }
-        let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..take])?;
-        self.left.set(Some(left - n as u64));
-        Ok(n)
-    }
 }
 
 /// Writes one regular file of the archive at `root/rel` (a plain relative path): its parent
@@ -1252,7 +1216,7 @@ mod tests {
             data.resize(512 + 4 * 1024 * 1024, b'a');
             let input = Tripwire {
                 data: &data,
-                limit: 512 + HEADER_BUDGET as usize,
+                limit: 512 + crate::tarlimit::HEADER_BUDGET as usize,
                 at: 0,
             };
             let err = extract_untrusted(input, dir.path(), "out", limits()).unwrap_err();

@@ -31,6 +31,7 @@ mod runtime;
 pub mod shim;
 mod state;
 mod sys;
+mod tarlimit;
 mod templates;
 mod units;
 mod vm;

@@ -159,13 +159,14 @@ pub(crate) fn read(path: &Path, disk_out: &Path) -> BoxliteResult<Manifest> {
         .into(),
         _ => BoxliteError::io(format!("opening {}", path.display()), e),
     })?;
-    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let (input, meter) = crate::tarlimit::budgeted(std::io::BufReader::new(file));
+    let mut archive = tar::Archive::new(input);
     let mut entries = archive
         .entries()
         .map_err(|e| bad(format!("not a tar archive: {e}")))?;
     let mut next = |expected: &str| {
-        let entry = entries
-            .next()
+        let entry = crate::tarlimit::next_entry(&meter, &mut entries)
+            .entry
             .ok_or_else(|| bad(format!("{expected} is missing")))?
             .map_err(|e| bad(format!("reading {expected}: {e}")))?;
         let name = entry.path_bytes().into_owned();
@@ -418,6 +419,14 @@ mod tests {
             reason(read(&a, &out).unwrap_err());
             assert!(!out.exists(), "{members:?}");
         }
+        // A "long name" of a megabyte before the manifest: refused after 64 KiB of it.
+        let long = vec![b'a'; 1 << 20];
+        let a = raw_tar(
+            dir.path(),
+            &[("././@LongLink", tar::EntryType::GNULongName, &long)],
+        );
+        assert!(reason(read(&a, &out).unwrap_err()).contains("headers of more than"));
+        assert!(!out.exists());
         // A member after the disk.
         let a = raw_tar(
             dir.path(),
