@@ -779,6 +779,15 @@ def test_hostile_tar_is_refused_with_nothing_written(server: Server, alice: http
     assert server.temp_files() == []
 
 
+def test_a_huge_extended_header_is_refused_at_its_header(alice: httpx.Client, box: str) -> None:
+    size = 100 * 1024  # over the 64 KiB a long name or pax header may have
+    header = tarfile.TarInfo("././@LongLink")
+    header.type, header.size = tarfile.GNUTYPE_LONGNAME, size
+    body = header.tobuf(tarfile.GNU_FORMAT) + b"a" * size + bytes(1024)
+    r = put_tar(alice, box, "/tmp/huge-header", body)
+    assert "an extended header of 102400 bytes" in error_of(r, 400, "InvalidArgumentError")
+
+
 def test_garbage_tar_is_refused(alice: httpx.Client, box: str) -> None:
     r = put_tar(alice, box, "/tmp/garbage", b"this is not a tar archive" * 40)
     assert "not a valid tar archive" in error_of(r, 400, "InvalidArgumentError")

@@ -28,6 +28,24 @@ _REFUSED = {
 }
 
 
+#: Bytes of one long name or pax header at most (``tarfile`` holds them in memory whole).
+HEADER_LIMIT = 64 * 1024
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A member whose extended header is refused at its header when too large to be a name."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > HEADER_LIMIT:
+            raise InvalidArgumentError(
+                f"refused the tar archive: an extended header of {self.size} bytes (at most {HEADER_LIMIT}); "
+                "nothing was written"
+            )
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
+
+
 def _refuse(member: tarfile.TarInfo, why: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"refused the tar archive: member {member.name[:200]!r} {why}; nothing was written")
 
@@ -104,7 +122,7 @@ def _copy(source: IO[bytes], out: IO[bytes], size: int) -> None:
 def unpack(archive: Path, root: Path, max_members: int) -> None:
     """Checks ``archive`` and writes its members under the empty directory ``root``."""
     try:
-        with tarfile.open(archive, mode="r:") as tar:
+        with tarfile.open(archive, mode="r:", tarinfo=_BoundedInfo) as tar:
             members = check(tar, max_members)
             dirs: list[tuple[Path, int]] = []
             for name, member in members:
