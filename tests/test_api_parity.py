@@ -272,6 +272,8 @@ async def pid_running(box: boxlite.Box, pid: int) -> bool:
 @shared_loop
 async def test_exec_kill_signal_and_cancelled_wait(box: boxlite.Box) -> None:
     execution = await box.exec("sleep", ["60"])
+    with pytest.raises(boxlite.InvalidArgumentError, match="not a signal number"):
+        execution.kill(0)
     execution.kill()
     result = await execution.wait()
     assert (result.exit_code, result.signal) == (137, 9)
@@ -299,6 +301,8 @@ async def test_exec_tty_resize_and_default_command(box: boxlite.Box) -> None:
     execution = await box.exec("sh", ["-c", "stty size; read x; stty size"], tty=(24, 80))
     lines = execution.stdout()
     assert (await lines.__anext__()).strip() == "24 80"
+    with pytest.raises(boxlite.InvalidArgumentError, match="terminal size"):
+        execution.resize_tty(0, 100)
     execution.resize_tty(30, 100)
     stdin = execution.stdin()
     assert stdin is not None
@@ -429,6 +433,9 @@ def test_sync_api(side: Side, image_layout: Path) -> None:
         assert execution.wait().stdout == "ABC"
         with pytest.raises(boxlite.ExecTimeoutError):
             box.exec("sleep", ["60"], timeout_secs=1).wait()
+        sleeping = box.exec("sleep", ["60"])
+        sleeping.kill()  # from this thread, not the event loop's
+        assert sleeping.wait().exit_code == 137
         box.write_file("/root/sync.txt", "sync\n")
         assert box.read_file("/root/sync.txt") == b"sync\n" and box.list_dir("/root") == ["sync.txt"]
         assert box.info().status == "running" and box.default_command == ["sh"]

@@ -7,6 +7,7 @@ The error tests talk to a real HTTP server on loopback that answers canned respo
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import io
 import json
@@ -339,6 +340,37 @@ async def test_a_missing_box_is_none_and_bad_answers_are_upstream_errors(canned:
         await rt.list_info()
     assert Canned.SEEN[-1][2] is None  # no credential, no header
     await rt.close()
+
+
+async def test_signals_without_a_session_never_block_the_loop(canned: str) -> None:
+    """A server without the exec session gets signals and resizes as requests: made in the
+    background on a running loop, at once elsewhere; bad values are the core's errors first."""
+    from boxlite.rest.execution import RestExecution
+
+    signal_path = "/v1/default/boxes/b1/executions/e1/signal"
+    Canned.ROUTES = {signal_path: (204, "application/json", b""), signal_path[:-6] + "resize": (204, "", b"")}
+    client = RestClient(boxlite.BoxliteRestOptions(url=canned))
+    execution = RestExecution(client, "b1", "e1", 7, "sleep 60", None)
+    with pytest.raises(boxlite.InvalidArgumentError, match="not a signal number"):
+        execution.kill(0)
+    with pytest.raises(boxlite.InvalidArgumentError, match="terminal size"):
+        execution.resize_tty(0, 80)
+
+    def posts() -> list[str]:
+        return [path for method, path, _ in Canned.SEEN if method == "POST"]
+
+    seen = len(posts())
+    execution.kill(15)
+    execution.resize_tty(30, 100)
+    assert len(posts()) == seen  # not sent yet: the loop has not run since
+    for _ in range(200):
+        if len(posts()) == seen + 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sorted(posts()[seen:]) == [signal_path[:-6] + "resize", signal_path]
+    # Off the loop (a blocking caller's thread), the request is made before kill returns.
+    await asyncio.to_thread(execution.kill, 9)
+    assert Canned.SEEN[-1][:2] == ("POST", signal_path)
 
 
 async def test_an_unreachable_server_names_its_url(unused_tcp_port: int) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from .._native import ExecResult
+from .._native import ExecResult, _check_signal, _check_tty_size
 from ..errors import BoxliteError, ExecTimeoutError, InvalidArgumentError, InvalidStateError, error_from_wire
 
 if TYPE_CHECKING:
@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 STDIN_CHUNK = 64 * 1024
 #: The close code of an attach refused because another client is attached.
 ATTACHED_ELSEWHERE = 4409
+
+
+#: Background control requests, kept until done (the loop holds tasks weakly).
+_in_flight: set[asyncio.Task[Any]] = set()
+
+
+def _settled(task: asyncio.Task[Any]) -> None:
+    _in_flight.discard(task)
+    if not task.cancelled():
+        task.exception()  # an execution that ended meanwhile: nothing to signal, as locally
 
 
 class RestOutputStream:
@@ -182,16 +192,29 @@ class RestExecution:
         )
 
     def kill(self, signal: int = 9) -> None:
-        self._client.request_sync(
-            "POST", self._client.execution_path(self._box_id, self._id, "signal"), json_body={"signal": signal}
-        )
+        _check_signal(signal)
+        self._control("signal", signal=signal)
 
     def resize_tty(self, rows: int, cols: int) -> None:
-        self._client.request_sync(
-            "POST",
-            self._client.execution_path(self._box_id, self._id, "resize"),
-            json_body={"rows": rows, "cols": cols},
-        )
+        _check_tty_size(rows, cols)
+        self._control("resize", rows=rows, cols=cols)
+
+    def _control(self, kind: str, **fields: int) -> None:
+        """Sent without waiting for the server, as locally (the core checked the values):
+        over the exec session when there is one; else a request, made in the background when
+        called on a running event loop, which it must not block."""
+        if self._channel is not None:
+            self._channel.control(kind, **fields)
+            return
+        path = self._client.execution_path(self._box_id, self._id, kind)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._client.request_sync("POST", path, json_body=fields)
+            return
+        task = loop.create_task(self._client.request("POST", path, json_body=fields))
+        _in_flight.add(task)
+        task.add_done_callback(_settled)
 
     # -- the attach ----------------------------------------------------------------------------
 

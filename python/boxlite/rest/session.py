@@ -50,6 +50,10 @@ class Channel:
     async def send_eof(self) -> None:
         await self.session.send(json.dumps({"type": "stdin_eof", "tag": self.tag}))
 
+    def control(self, kind: str, **fields: int) -> None:
+        """A signal or resize, sent without waiting (from any thread)."""
+        self.session.control({"type": kind, "tag": self.tag, **fields})
+
     def fail(self, error: BoxliteError) -> None:
         for future in (self.started, self.end):
             if not future.done():
@@ -70,7 +74,8 @@ class ExecSession:
         self._tags = itertools.count(1)
         self._channels: dict[int, Channel] = {}
         self._spare_tasks: set[asyncio.Task[None]] = set()
-        self._receiver = asyncio.get_running_loop().create_task(self._receive())
+        self._loop = asyncio.get_running_loop()
+        self._receiver = self._loop.create_task(self._receive())
 
     @property
     def open(self) -> bool:
@@ -99,6 +104,19 @@ class ExecSession:
                 self._spare(self.ws.send(json.dumps({"type": "kill", "tag": tag})))
             raise
         return channel
+
+    def control(self, message: dict[str, Any]) -> None:
+        """Sends ``message`` without waiting, from the session's loop or any other thread (a
+        blocking caller's): like a local signal, it leaves at once and is not answered."""
+        text = json.dumps(message)
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._spare(self.ws.send(text))
+        else:
+            self._loop.call_soon_threadsafe(lambda: self._spare(self.ws.send(text)))
 
     def _spare(self, send: Coroutine[Any, Any, None]) -> None:
         """A message sent on its own (the caller is being cancelled); a closed socket is fine."""

@@ -87,6 +87,19 @@ impl NativeExecution {
     }
 }
 
+/// Raises `InvalidArgumentError` unless `signal` is one `kill` can send (for backends that
+/// send it by other means: the REST client).
+#[pyfunction]
+pub fn _check_signal(signal: i32) -> PyResult<()> {
+    boxlite::Execution::check_signal(signal).py()
+}
+
+/// Raises `InvalidArgumentError` unless `(rows, cols)` is a terminal size (as `resize_tty`).
+#[pyfunction]
+pub fn _check_tty_size(rows: i64, cols: i64) -> PyResult<()> {
+    boxlite::BoxCommand::tty_size(rows, cols).py().map(|_| ())
+}
+
 /// How a command ended: `exit_code` (`128 + signal` if a signal killed it), and the output
 /// not already read through the streams, as text (`stdout`, `stderr`, decoded as UTF-8 with
 /// replacement) and as bytes (`stdout_bytes`, `stderr_bytes`).

@@ -62,6 +62,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(archive::_check_box_path, m)?)?;
     m.add_function(wrap_pyfunction!(archive::_extract_untrusted, m)?)?;
     m.add_function(wrap_pyfunction!(archive::_first_entry_kind, m)?)?;
+    m.add_function(wrap_pyfunction!(exec::_check_signal, m)?)?;
+    m.add_function(wrap_pyfunction!(exec::_check_tty_size, m)?)?;
     #[cfg(feature = "test-hooks")]
     {
         m.add_function(wrap_pyfunction!(hooks::_error_examples, m)?)?;

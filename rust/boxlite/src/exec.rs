@@ -327,13 +327,20 @@ impl Execution {
 
     /// Sends `signal` to the command's process group.
     pub fn kill(&self, signal: i32) -> BoxliteResult<()> {
-        if !(1..=64).contains(&signal) {
-            return Err(BoxliteError::invalid(
+        Self::check_signal(signal)?;
+        self.inner.handle.send_message(Message::Signal { signal })
+    }
+
+    /// Refuses what [`Execution::kill`] cannot send: a signal number is 1 to 64.
+    pub fn check_signal(signal: i32) -> BoxliteResult<()> {
+        if (1..=64).contains(&signal) {
+            Ok(())
+        } else {
+            Err(BoxliteError::invalid(
                 "signal",
                 format!("{signal} is not a signal number"),
-            ));
+            ))
         }
-        self.inner.handle.send_message(Message::Signal { signal })
     }
 
     /// Tells the command's terminal its new size.
