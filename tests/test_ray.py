@@ -180,6 +180,41 @@ def options(image_layout: Path) -> boxlite.BoxOptions:
 # ---------------------------------------------------------------------------- tests, in order
 
 
+DETACHED_DRIVER = """
+import sys, ray, boxlite
+from boxlite.ray import SyncRayBoxlite
+ray.init(address=sys.argv[1], log_to_driver=False)
+rt = SyncRayBoxlite(namespace="kept", detached=True, home_base=sys.argv[2], allow_host_paths=True,
+                    runtime_options={"templates": False}, timeout=120)
+box = rt.create(boxlite.BoxOptions(rootfs_path=sys.argv[3], cpus=1, memory_mib=256), "kept")
+assert box.exec("sh", ["-c", "echo kept > /root/note"]).wait().exit_code == 0
+print(box.node_id)
+"""  # and it ends without close()
+
+
+def test_a_detached_runtime_outlives_its_driver(world: World, image_layout: Path) -> None:
+    home_base = Path(tempfile.mkdtemp(prefix="blkept-"))
+    try:
+        driver = [sys.executable, "-c", DETACHED_DRIVER, world.cluster.address, str(home_base), str(image_layout)]
+        done = subprocess.run(driver, capture_output=True, text=True, timeout=3 * PROMPT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        node = done.stdout.split()[-1]
+
+        kept = SyncRayBoxlite(namespace="kept")
+        box = kept.get("kept")
+        assert box is not None and box.node_id == node
+        assert box.read_file("/root/note") == b"kept\n"  # the box and its VM outlived the driver
+        kept.close()  # ends only what this one started: nothing
+        assert box.exec("echo", ["still"]).wait().stdout == "still\n"
+
+        SyncRayBoxlite(namespace="kept").end_runtimes()
+        with pytest.raises(ValueError):
+            ray.get_actor(actor_name(node), namespace="kept")
+        _wait_until_no_engines(home_base)
+    finally:
+        shutil.rmtree(home_base, ignore_errors=True)
+
+
 def test_boxes_spread_by_free_slots(world: World, image_layout: Path) -> None:
     async def two() -> list[RayBox]:
         rt = world.runtime.runtime

@@ -57,6 +57,9 @@ class RayBoxlite:
     (``rootfs_path`` and volumes name paths on the node), ``runtime_options`` (keyword
     arguments of ``boxlite.Options`` there) and ``server_options`` (fields of
     ``boxlite.serve.ServeConfig``). ``timeout`` bounds each request to a node's server.
+    ``detached=True`` starts runtimes that outlive this driver (Ray's detached actors): their
+    boxes stay for other drivers of the namespace until ``close()`` here or, once this driver
+    is gone, ``end_runtimes()`` from another.
     Ray must be initialised (``ray.init``) first, or ``address`` is passed to ``ray.init``.
     """
 
@@ -72,6 +75,7 @@ class RayBoxlite:
         timeout: float = DEFAULT_TIMEOUT,
         start_timeout: float = START_TIMEOUT,
         address: str | None = None,
+        detached: bool = False,
     ) -> None:
         _check_options(runtime_options or {}, server_options or {})
         if not ray.is_initialized():
@@ -84,6 +88,7 @@ class RayBoxlite:
         self._server_options = dict(server_options or {})
         self._timeout = timeout
         self._start_timeout = start_timeout
+        self._detached = detached
         self._owner = secrets.token_hex(8)
         self._nodes: dict[str, _Node] = {}
         self._made: dict[str, RayBox] = {}
@@ -146,6 +151,7 @@ class RayBoxlite:
             name=actor_name(node_id),
             namespace=self.namespace,
             get_if_exists=True,
+            lifetime="detached" if self._detached else None,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
         handle = await asyncio.to_thread(actor.remote, config)
@@ -365,6 +371,13 @@ class RayBoxlite:
         await asyncio.gather(*(stop(b) for b in self._made.values()))
         mine = [n for n in self._nodes.values() if n.address.owner == self._owner]
         await asyncio.gather(*(self._end(node) for node in mine))
+        self._nodes.clear()
+
+    async def end_runtimes(self) -> None:
+        """Ends every runtime of this namespace, whoever started it, and so every box on them:
+        for detached runtimes whose driver is gone. Bounded like ``close()``."""
+        nodes = await self._running_nodes()
+        await asyncio.gather(*(self._end(node) for node in nodes))
         self._nodes.clear()
 
     async def _end(self, node: _Node) -> None:

@@ -51,6 +51,7 @@ class SyncRayBoxlite:
         timeout: float = DEFAULT_TIMEOUT,
         start_timeout: float = START_TIMEOUT,
         address: str | None = None,
+        detached: bool = False,
     ) -> None:
         self._runtime = RayBoxlite(
             namespace=namespace,
@@ -62,6 +63,7 @@ class SyncRayBoxlite:
             timeout=timeout,
             start_timeout=start_timeout,
             address=address,
+            detached=detached,
         )
 
     @property
@@ -90,6 +92,9 @@ class SyncRayBoxlite:
 
     def close(self) -> None:
         _run(self._runtime.close())
+
+    def end_runtimes(self) -> None:
+        _run(self._runtime.end_runtimes())
 
     def shutdown(self, timeout: float | None = None) -> None:
         self.close()
