@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -342,35 +342,76 @@ async def test_a_missing_box_is_none_and_bad_answers_are_upstream_errors(canned:
     await rt.close()
 
 
-async def test_signals_without_a_session_never_block_the_loop(canned: str) -> None:
-    """A server without the exec session gets signals and resizes as requests: made in the
-    background on a running loop, at once elsewhere; bad values are the core's errors first."""
+async def test_signals_without_a_session_are_requests_checked_by_the_core(canned: str) -> None:
+    """A server without the exec session gets signals and resizes as requests, made before
+    the call returns (so stdin written next cannot overtake them); bad values are the core's
+    errors, raised before any request."""
     from boxlite.rest.execution import RestExecution
 
     signal_path = "/v1/default/boxes/b1/executions/e1/signal"
-    Canned.ROUTES = {signal_path: (204, "application/json", b""), signal_path[:-6] + "resize": (204, "", b"")}
+    resize_path = signal_path[: -len("signal")] + "resize"
+    Canned.ROUTES = {signal_path: (204, "application/json", b""), resize_path: (204, "", b"")}
     client = RestClient(boxlite.BoxliteRestOptions(url=canned))
     execution = RestExecution(client, "b1", "e1", 7, "sleep 60", None)
-    with pytest.raises(boxlite.InvalidArgumentError, match="not a signal number"):
-        execution.kill(0)
-    with pytest.raises(boxlite.InvalidArgumentError, match="terminal size"):
-        execution.resize_tty(0, 80)
 
     def posts() -> list[str]:
         return [path for method, path, _ in Canned.SEEN if method == "POST"]
 
     seen = len(posts())
+    with pytest.raises(boxlite.InvalidArgumentError, match="not a signal number"):
+        execution.kill(0)
+    with pytest.raises(boxlite.InvalidArgumentError, match="terminal size"):
+        execution.resize_tty(0, 80)
+    assert len(posts()) == seen
     execution.kill(15)
     execution.resize_tty(30, 100)
-    assert len(posts()) == seen  # not sent yet: the loop has not run since
-    for _ in range(200):
-        if len(posts()) == seen + 2:
-            break
-        await asyncio.sleep(0.01)
-    assert sorted(posts()[seen:]) == [signal_path[:-6] + "resize", signal_path]
-    # Off the loop (a blocking caller's thread), the request is made before kill returns.
-    await asyncio.to_thread(execution.kill, 9)
-    assert Canned.SEEN[-1][:2] == ("POST", signal_path)
+    assert posts()[seen:] == [signal_path, resize_path]
+
+
+class RecordingSocket:
+    """The session's WebSocket, recording what is sent; a send finishes without suspending,
+    as a real one does while its buffer has room."""
+
+    def __init__(self) -> None:
+        self.sent: list[str | bytes] = []
+        self.close_code = 1000
+        self._closed = asyncio.Event()
+
+    async def send(self, message: str | bytes) -> None:
+        self.sent.append(message)
+
+    async def close(self) -> None:
+        self._closed.set()
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._nothing()
+
+    async def _nothing(self) -> AsyncIterator[str | bytes]:
+        await self._closed.wait()
+        return
+        yield
+
+
+async def test_session_messages_leave_in_the_order_given() -> None:
+    """Signals and resizes return at once, yet never overtake stdin given after them (from
+    this loop or another thread)."""
+    from boxlite.rest.execution import RestOutputStream
+    from boxlite.rest.session import Channel, ExecSession
+
+    ws = RecordingSocket()
+    session = ExecSession(RestClient(boxlite.BoxliteRestOptions(url="http://127.0.0.1:9")), ws)  # type: ignore[arg-type]
+    channel = Channel(session, 1, RestOutputStream(), RestOutputStream())
+    channel.control("resize", rows=30, cols=100)
+    await channel.send_stdin(b"\n")
+    channel.control("signal", signal=15)
+    await asyncio.to_thread(channel.control, "signal", signal=9)
+    await channel.send_eof()
+
+    def kind(message: str | bytes) -> str:
+        return "stdin" if isinstance(message, bytes) else str(json.loads(message)["type"])
+
+    assert [kind(m) for m in ws.sent] == ["resize", "stdin", "signal", "signal", "stdin_eof"]
+    await session.close()
 
 
 async def test_an_unreachable_server_names_its_url(unused_tcp_port: int) -> None:

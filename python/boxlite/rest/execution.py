@@ -28,16 +28,6 @@ STDIN_CHUNK = 64 * 1024
 ATTACHED_ELSEWHERE = 4409
 
 
-#: Background control requests, kept until done (the loop holds tasks weakly).
-_in_flight: set[asyncio.Task[Any]] = set()
-
-
-def _settled(task: asyncio.Task[Any]) -> None:
-    _in_flight.discard(task)
-    if not task.cancelled():
-        task.exception()  # an execution that ended meanwhile: nothing to signal, as locally
-
-
 class RestOutputStream:
     """Output chunks (``bytes``) as they arrive; ends when the command's output does."""
 
@@ -200,21 +190,13 @@ class RestExecution:
         self._control("resize", rows=rows, cols=cols)
 
     def _control(self, kind: str, **fields: int) -> None:
-        """Sent without waiting for the server, as locally (the core checked the values):
-        over the exec session when there is one; else a request, made in the background when
-        called on a running event loop, which it must not block."""
+        """Over the exec session: queued behind what was sent before and not waited for, as
+        locally (the core checked the values). A server without the session gets a request,
+        made before this returns, so stdin written after it cannot overtake it."""
         if self._channel is not None:
             self._channel.control(kind, **fields)
             return
-        path = self._client.execution_path(self._box_id, self._id, kind)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._client.request_sync("POST", path, json_body=fields)
-            return
-        task = loop.create_task(self._client.request("POST", path, json_body=fields))
-        _in_flight.add(task)
-        task.add_done_callback(_settled)
+        self._client.request_sync("POST", self._client.execution_path(self._box_id, self._id, kind), json_body=fields)
 
     # -- the attach ----------------------------------------------------------------------------
 

@@ -75,15 +75,31 @@ class ExecSession:
         self._channels: dict[int, Channel] = {}
         self._spare_tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
+        self._last_sent: asyncio.Task[None] | None = None  # the newest message in the queue
         self._receiver = self._loop.create_task(self._receive())
 
     @property
     def open(self) -> bool:
         return not self._receiver.done()
 
+    def _in_turn(self, message: str | bytes) -> asyncio.Task[None]:
+        """Sends ``message`` once every message queued before it is sent: stdin, signals and
+        resizes leave in the order they were given (on the loop's thread)."""
+        before = self._last_sent
+
+        async def send() -> None:
+            if before is not None and not before.done():
+                await asyncio.wait({before})
+            await self.ws.send(message)
+
+        task = self._loop.create_task(send())
+        task.add_done_callback(_retrieve)
+        self._last_sent = task
+        return task
+
     async def send(self, message: str | bytes) -> None:
         try:
-            await self.ws.send(message)
+            await asyncio.shield(self._in_turn(message))
         except ConnectionClosed:
             raise InvalidStateError("the command has ended; its stdin is closed") from None
 
@@ -114,9 +130,9 @@ class ExecSession:
         except RuntimeError:
             on_loop = False
         if on_loop:
-            self._spare(self.ws.send(text))
-        else:
-            self._loop.call_soon_threadsafe(lambda: self._spare(self.ws.send(text)))
+            self._in_turn(text)
+        else:  # queued before anything this caller sends after it (the loop runs callbacks in order)
+            self._loop.call_soon_threadsafe(self._in_turn, text)
 
     def _spare(self, send: Coroutine[Any, Any, None]) -> None:
         """A message sent on its own (the caller is being cancelled); a closed socket is fine."""
