@@ -5,11 +5,9 @@ command. Each command has a tag; its output, stdin and exit travel with that tag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import struct
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
@@ -73,7 +71,6 @@ class ExecSession:
         self.ws = ws
         self._tags = itertools.count(1)
         self._channels: dict[int, Channel] = {}
-        self._spare_tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._last_sent: asyncio.Task[None] | None = None  # the newest message in the queue
         self._receiver = self._loop.create_task(self._receive())
@@ -117,7 +114,7 @@ class ExecSession:
             await asyncio.shield(channel.started)
         except BaseException:
             if self._channels.pop(tag, None) is not None:  # cancelled: the command may start anyway
-                self._spare(self.ws.send(json.dumps({"type": "kill", "tag": tag})))
+                self._in_turn(json.dumps({"type": "kill", "tag": tag}))
             raise
         return channel
 
@@ -133,17 +130,6 @@ class ExecSession:
             self._in_turn(text)
         else:  # queued before anything this caller sends after it (the loop runs callbacks in order)
             self._loop.call_soon_threadsafe(self._in_turn, text)
-
-    def _spare(self, send: Coroutine[Any, Any, None]) -> None:
-        """A message sent on its own (the caller is being cancelled); a closed socket is fine."""
-
-        async def quietly() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                await send
-
-        task = asyncio.get_running_loop().create_task(quietly())
-        self._spare_tasks.add(task)
-        task.add_done_callback(self._spare_tasks.discard)
 
     async def _receive(self) -> None:
         reason = "the server closed the session"
